@@ -1,1 +1,14 @@
-export {}
+/**
+ * @vzdump/qmp: clients for QEMU's QMP monitor, its guest agent, and NBD exports.
+ * `FdQmpTransport` (native fd passing) is not re-exported here so that importing the package does not
+ * load the native addon: import it as `@vzdump/qmp/FdQmpTransport`.
+ *
+ * @since 0.1.0
+ */
+export * as GuestAgent from "./GuestAgent.js"
+export * as NbdClient from "./NbdClient.js"
+export * as NodeQmpTransport from "./NodeQmpTransport.js"
+export * as QmpClient from "./QmpClient.js"
+export * as QmpError from "./QmpError.js"
+export * as QmpSchema from "./QmpSchema.js"
+export * as QmpTransport from "./QmpTransport.js"

@@ -1,0 +1,225 @@
+/**
+ * VMA writer/reader benchmark: `npx tsx bench/vma.ts [--size 1G]`.
+ *
+ * Creates a disk image of the given size (about 90 % random data, 10 % holes) under $BENCH_DIR (or /tmp),
+ * then times, in one run:
+ *   - `cp` of the disk (the baseline for create and extract),
+ *   - `vma create` (uncompressed) and `vma extract` of the result,
+ *   - `zstd -1 -T0` over the same VMA stream (the baseline for compressed writing),
+ *   - `vma create` to `.vma.zst` with the same zstd settings, and `vma verify` of it from stdin,
+ *   - the same VMA stream through zstd-napi in-process (for the compressor choice).
+ * The `vma` runs are child processes of `node packages/target-vma/bin/vma.mjs`; their peak RSS is read from
+ * /proc/<pid>/status (VmHWM). Startup time of the CLI (a `vma list` of a tiny archive) is shown separately.
+ */
+import { spawn } from "node:child_process"
+import { createHash, randomFillSync } from "node:crypto"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { pipeline } from "node:stream/promises"
+import { fileURLToPath } from "node:url"
+import { CompressStream } from "zstd-napi"
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
+const vmaBin = path.join(root, "packages/target-vma/bin/vma.mjs")
+
+const parseSize = (s: string): number => {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
+  if (m === null) throw new Error(`bad size ${s}`)
+  const unit = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G" | "T"]
+  return Math.round(Number(m[1]) * unit / 65536) * 65536
+}
+
+const argSize = process.argv.indexOf("--size")
+const size = parseSize(argSize >= 0 ? process.argv[argSize + 1] ?? "1G" : "1G")
+const base = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "vma-bench-"))
+const out = (s: string) => process.stdout.write(s)
+
+interface Run {
+  readonly seconds: number
+  readonly peakRssKiB: number
+  readonly code: number
+  readonly stderr: string
+}
+
+/** Runs a command, polling /proc/<pid>/status for its peak RSS. */
+const run = (command: string, args: ReadonlyArray<string>, options: { stdin?: string; stdout?: string } = {}) =>
+  new Promise<Run>((resolve, reject) => {
+    const stdin = options.stdin === undefined ? "ignore" : fs.openSync(options.stdin, "r")
+    const stdout = options.stdout === undefined ? "ignore" : fs.openSync(options.stdout, "wx")
+    const start = process.hrtime.bigint()
+    const child = spawn(command, args, { stdio: [stdin, stdout, "pipe"] })
+    let stderr = ""
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString()
+    })
+    let peak = 0
+    const poll = () => {
+      try {
+        const status = fs.readFileSync(`/proc/${child.pid}/status`, "utf8")
+        const m = /VmHWM:\s+(\d+) kB/.exec(status)
+        if (m !== null) peak = Math.max(peak, Number(m[1]))
+      } catch {
+        // exited
+      }
+    }
+    const timer = setInterval(poll, 10)
+    child.on("error", reject)
+    child.on("exit", (code) => {
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9
+      clearInterval(timer)
+      if (typeof stdin === "number") fs.closeSync(stdin)
+      if (typeof stdout === "number") fs.closeSync(stdout)
+      resolve({ seconds, peakRssKiB: peak, code: code ?? -1, stderr })
+    })
+  })
+
+/** Flushes dirty pages first, so no step pays for the previous one's writeback. */
+const settle = () =>
+  new Promise<void>((resolve) => spawn("sync", [], { stdio: "ignore" }).on("exit", () => resolve()))
+
+const must = async (what: string, r: () => Promise<Run>) => {
+  await settle()
+  const result = await r()
+  if (result.code !== 0) throw new Error(`${what} failed (${result.code}): ${result.stderr.trim()}`)
+  return result
+}
+
+const sha256 = async (file: string) => {
+  const hash = createHash("sha256")
+  await pipeline(fs.createReadStream(file, { highWaterMark: 4 << 20 }), hash)
+  return hash.digest("hex")
+}
+
+const makeDisk = (file: string) => {
+  // 1 MiB segments; one in ten (pseudo-randomly chosen) stays a hole.
+  const fd = fs.openSync(file, "wx")
+  fs.ftruncateSync(fd, size)
+  const seg = 1 << 20
+  const buf = Buffer.allocUnsafe(seg)
+  let state = 12345
+  for (let off = 0; off < size; off += seg) {
+    state = (state * 1103515245 + 12345) >>> 0
+    if ((state >>> 16) % 10 === 0) continue
+    const n = Math.min(seg, size - off)
+    randomFillSync(buf, 0, n)
+    fs.writeSync(fd, buf, 0, n, off)
+  }
+  fs.closeSync(fd)
+}
+
+const fmt = (n: number, d = 2) => n.toFixed(d)
+const mib = (bytes: number) => bytes / 2 ** 20
+
+const main = async () => {
+  out(`VMA benchmark: disk ${mib(size)} MiB (~90% random, ~10% holes) in ${base}\n`)
+  const disk = path.join(base, "disk.raw")
+  makeDisk(disk)
+  const conf = path.join(base, "qemu-server.conf")
+  fs.writeFileSync(conf, "name: bench\nmemory: 1024\nscsi0: local:100/vm-100-disk-0.raw,size=1G\n")
+  // Warm the page cache for everyone alike.
+  await must("cat", () => run("cat", [disk], { stdout: path.join(base, "warm.null") }))
+  fs.unlinkSync(path.join(base, "warm.null"))
+
+  const node = process.execPath
+  const vma = (args: ReadonlyArray<string>, opts?: { stdin?: string; stdout?: string }) =>
+    must(`vma ${args[0]}`, () => run(node, [vmaBin, ...args], opts))
+
+  const tiny = path.join(base, "tiny.vma")
+  await vma(["create", tiny, "-c", conf])
+  const startup = await vma(["list", tiny], { stdout: path.join(base, "list.out") })
+
+  const cp = await must("cp", () => run("cp", [disk, path.join(base, "disk.cp")]))
+  fs.unlinkSync(path.join(base, "disk.cp"))
+
+  const archive = path.join(base, "a.vma")
+  const create = await vma(["create", archive, "-c", conf, "-d", `format=raw:drive-scsi0=${disk}`])
+  const vmaBytes = fs.statSync(archive).size
+
+  const extractDir = path.join(base, "x")
+  const extract = await vma(["extract", archive, extractDir])
+
+  const zstd = await must("zstd", () => run("zstd", ["-1", "-T0", "-q", "-c", archive], { stdout: path.join(base, "ref.zst") }))
+  const zArchive = path.join(base, "a.vma.zst")
+  const createZstd = await vma([
+    "create",
+    zArchive,
+    "--zstd-level",
+    "1",
+    "--zstd",
+    "0",
+    "-c",
+    conf,
+    "-d",
+    `format=raw:drive-scsi0=${disk}`
+  ])
+  const verifyZstd = await vma(["verify", "-"], { stdin: zArchive })
+
+  // zstd-napi in-process over the same VMA stream (level 1, two workers), for the compressor choice.
+  await settle()
+  const napiStart = process.hrtime.bigint()
+  await pipeline(
+    fs.createReadStream(archive, { highWaterMark: 4 << 20 }),
+    new CompressStream({ compressionLevel: 1, nbWorkers: os.availableParallelism() }),
+    fs.createWriteStream(path.join(base, "napi.zst"))
+  )
+  const napiSeconds = Number(process.hrtime.bigint() - napiStart) / 1e9
+
+  // Correctness of the round trip (not timed).
+  const [a, b] = await Promise.all([sha256(disk), sha256(path.join(extractDir, "disk-drive-scsi0.raw"))])
+  const ok = a === b
+
+  const rows: Array<[string, number, string, number | undefined]> = [
+    ["cp disk", cp.seconds, "1.00 × cp", undefined],
+    ["vma create (uncompressed)", create.seconds, `${fmt(create.seconds / cp.seconds)} × cp`, create.peakRssKiB],
+    ["vma extract", extract.seconds, `${fmt(extract.seconds / cp.seconds)} × cp`, extract.peakRssKiB],
+    ["zstd -1 -T0 over a.vma", zstd.seconds, "1.00 × zstd", undefined],
+    [
+      "vma create .vma.zst (zstd -1 -T0)",
+      createZstd.seconds,
+      `${fmt(zstd.seconds / createZstd.seconds)} × zstd throughput`,
+      createZstd.peakRssKiB
+    ],
+    ["vma verify - < a.vma.zst", verifyZstd.seconds, `${fmt(verifyZstd.seconds / cp.seconds)} × cp`, verifyZstd.peakRssKiB],
+    [
+      "zstd-napi in-process over a.vma",
+      napiSeconds,
+      `${fmt(zstd.seconds / napiSeconds)} × zstd throughput`,
+      undefined
+    ],
+    ["vma list (CLI startup)", startup.seconds, "", startup.peakRssKiB]
+  ]
+  out(`VMA stream: ${fmt(mib(vmaBytes), 1)} MiB; .vma.zst: ${fmt(mib(fs.statSync(zArchive).size), 1)} MiB\n\n`)
+  out(`${"step".padEnd(36)} ${"seconds".padStart(8)} ${"MiB/s".padStart(8)}  ${"ratio".padEnd(26)} peak RSS\n`)
+  for (const [name, seconds, ratio, rss] of rows) {
+    out(
+      `${name.padEnd(36)} ${fmt(seconds).padStart(8)} ${fmt(mib(size) / seconds, 0).padStart(8)}  ${ratio.padEnd(26)} ${
+        rss === undefined ? "" : `${fmt(rss / 1024, 0)} MiB`
+      }\n`
+    )
+  }
+  const net = (r: Run) => Math.max(0.001, r.seconds - startup.seconds)
+  out(
+    `\nexcluding CLI startup: create ${fmt(net(create) / cp.seconds)} × cp, extract ${fmt(net(extract) / cp.seconds)} × cp, ` +
+      `zstd write ${fmt(zstd.seconds / net(createZstd))} × zstd\n`
+  )
+  out(
+    `goals: create ≤ 1.5 × cp: ${create.seconds <= 1.5 * cp.seconds ? "met" : "missed"}; ` +
+      `extract ≤ 1.5 × cp: ${extract.seconds <= 1.5 * cp.seconds ? "met" : "missed"}; ` +
+      `zstd write ≥ 0.9 × zstd: ${zstd.seconds / createZstd.seconds >= 0.9 ? "met" : "missed"}; ` +
+      `RSS ≤ 256 MiB: ${
+        Math.max(create.peakRssKiB, extract.peakRssKiB, createZstd.peakRssKiB, verifyZstd.peakRssKiB) <= 256 * 1024
+          ? "met"
+          : "missed"
+      }\n`
+  )
+  out(`round trip sha256 ${ok ? "equal" : "DIFFERENT"}\n`)
+  fs.rmSync(base, { recursive: true, force: true })
+  if (!ok) process.exitCode = 1
+}
+
+main().catch((e) => {
+  process.stderr.write(`bench failed: ${e instanceof Error ? e.message : String(e)}\n`)
+  fs.rmSync(base, { recursive: true, force: true })
+  process.exitCode = 1
+})

@@ -1,0 +1,189 @@
+/**
+ * Where an archive goes: one Tag, several Layers (`@vzdump/target-vma` writes VMA files in a dump
+ * directory, `@vzdump/target-pbs` uploads to a Proxmox Backup Server, `layerMemory` keeps the data in
+ * memory for tests and examples). The workflow and the engines depend only on this tag.
+ *
+ * @since 0.1.0
+ */
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
+import * as Schema from "effect/Schema"
+import type * as Scope from "effect/Scope"
+
+/**
+ * @since 0.1.0
+ * @category errors
+ */
+export class BackupTargetError extends Schema.TaggedError<BackupTargetError>("@vzdump/core/BackupTargetError")(
+  "BackupTargetError",
+  {
+    target: Schema.String,
+    reason: Schema.Literal("Open", "Write", "Commit", "Invalid"),
+    detail: Schema.String
+  }
+) {
+  override get message(): string {
+    return `${this.target}: ${this.detail}`
+  }
+}
+
+/**
+ * One disk of the archive. `name` is the QEMU device name stored in the archive (`drive-scsi0`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveDevice {
+  readonly name: string
+  readonly size: number
+}
+
+/**
+ * A config blob stored with the archive (`qemu-server.conf`, `qemu-server.fw`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveConfig {
+  readonly name: string
+  readonly data: Uint8Array
+}
+
+/**
+ * What an archive is opened for.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveRequest {
+  readonly vmid: number
+  /** The backup's start time: the archive's name and PBS backup-time derive from it. */
+  readonly startTime: Date
+  readonly configs: ReadonlyArray<ArchiveConfig>
+  readonly devices: ReadonlyArray<ArchiveDevice>
+}
+
+/**
+ * What a committed archive left behind.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveResult {
+  /** Final location: a file path or a PBS snapshot path. */
+  readonly location: string
+  /** Size in bytes of the archive file, when the target has one. */
+  readonly size?: number
+  /** Lines for the backup log (`archive file size: …`). */
+  readonly logLines: ReadonlyArray<string>
+}
+
+/**
+ * An open archive. Device data arrives per device at 64 KiB-aligned offsets (the end of a device
+ * may be unaligned), in any order; every byte of every device must be written exactly once, either
+ * as data or as zeros. Closing the session's scope without `commit` aborts it: nothing partial is
+ * left where a finished archive would be.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveSession {
+  /** The log line that names the archive (`creating vzdump archive '<path>'`). */
+  readonly openedLine: string
+  /** Where the per-guest log file goes (`<dumpdir>/<basename>.log`), when the target keeps one. */
+  readonly logPath?: string
+  /** `device` is an index into `ArchiveRequest.devices`. */
+  readonly writeData: (device: number, offset: number, data: Uint8Array) => Effect.Effect<void, BackupTargetError>
+  /** Marks a range as zero without data. */
+  readonly writeZeros: (device: number, offset: number, length: number) => Effect.Effect<void, BackupTargetError>
+  /** Finishes the archive and moves it to its final name. */
+  readonly commit: Effect.Effect<ArchiveResult, BackupTargetError>
+}
+
+/**
+ * @since 0.1.0
+ * @category models
+ */
+export interface BackupTargetService {
+  readonly name: string
+  readonly open: (request: ArchiveRequest) => Effect.Effect<ArchiveSession, BackupTargetError, Scope.Scope>
+}
+
+/**
+ * @since 0.1.0
+ * @category tags
+ */
+export class BackupTarget extends Context.Tag("@vzdump/core/BackupTarget")<BackupTarget, BackupTargetService>() {}
+
+/**
+ * A committed in-memory archive.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface MemoryArchive {
+  readonly request: ArchiveRequest
+  /** One buffer per device, with the written content (zeros where zeros were written). */
+  readonly disks: ReadonlyArray<Uint8Array>
+}
+
+/**
+ * The archives `layerMemory` committed, in order.
+ *
+ * @since 0.1.0
+ * @category tags
+ */
+export class MemoryStore extends Context.Tag("@vzdump/core/BackupTarget/MemoryStore")<
+  MemoryStore,
+  Array<MemoryArchive>
+>() {}
+
+const memoryTarget = (store: Array<MemoryArchive>): BackupTargetService => {
+  const name = "memory"
+  const fail = (reason: BackupTargetError["reason"], detail: string) =>
+    Effect.fail(new BackupTargetError({ target: name, reason, detail }))
+  return {
+    name,
+    open: (request) =>
+      Effect.sync(() => {
+        const disks = request.devices.map((device) => new Uint8Array(device.size))
+        const written = request.devices.map(() => 0)
+        const check = (device: number, offset: number, length: number) => {
+          const disk = disks[device]
+          if (disk === undefined) return fail("Invalid", `no device ${device}`)
+          if (offset < 0 || offset + length > disk.length) {
+            return fail("Invalid", `write past the end of device ${device}: ${offset}+${length}`)
+          }
+          written[device]! += length
+          return Effect.succeed(disk)
+        }
+        return {
+          openedLine: `creating in-memory archive for VM ${request.vmid}`,
+          writeData: (device, offset, data) =>
+            Effect.map(check(device, offset, data.length), (disk) => disk.set(data, offset)),
+          writeZeros: (device, offset, length) =>
+            Effect.map(check(device, offset, length), (disk) => disk.fill(0, offset, offset + length)),
+          commit: Effect.suspend(() => {
+            const incomplete = request.devices.findIndex((device, i) => written[i] !== device.size)
+            if (incomplete >= 0) {
+              return fail("Commit", `device ${incomplete}: ${written[incomplete]} of ${request.devices[incomplete]!.size} bytes written`)
+            }
+            store.push({ request, disks })
+            return Effect.succeed({ location: `memory:${store.length - 1}`, logLines: [] })
+          })
+        } satisfies ArchiveSession
+      })
+  }
+}
+
+/**
+ * A target that keeps committed archives in memory, readable through `MemoryStore`.
+ *
+ * @since 0.1.0
+ * @category layers
+ */
+export const layerMemory: Layer.Layer<BackupTarget | MemoryStore> = Layer.effectContext(Effect.sync(() => {
+  const store: Array<MemoryArchive> = []
+  return Context.make(BackupTarget, memoryTarget(store)).pipe(Context.add(MemoryStore, store))
+}))
