@@ -41,8 +41,8 @@ export interface LaunchSpec {
   readonly agent: boolean
   /** Extra arguments, already split (Proxmox `args:`). */
   readonly extraArgs?: ReadonlyArray<string>
-  /** `kvm` when /dev/kvm is usable, else `tcg`. */
-  readonly accel: "kvm" | "tcg"
+  /** `kvm`, `tcg`, or `kvm:tcg` (KVM, falling back to TCG). */
+  readonly accel: "kvm" | "tcg" | "kvm:tcg"
 }
 
 /**

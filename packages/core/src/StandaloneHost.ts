@@ -90,7 +90,8 @@ export const makeHypervisor = (
     const storage = yield* Storage.Storage
     const command = yield* HostCommand.HostCommand
     const paths = (vmid: number) => QemuCommandLine.runPaths(`${options.runDir}/${vmid}`)
-    const accel = options.accel === "kvm" || (options.accel !== "tcg" && kvmUsable()) ? "kvm" : "tcg"
+    // auto: KVM when /dev/kvm is usable, with QEMU falling back to TCG if KVM cannot start
+    const accel = options.accel === "kvm" ? "kvm" : options.accel !== "tcg" && kvmUsable() ? "kvm:tcg" : "tcg"
     const fail = (vmid: number, operation: HypervisorError["operation"], detail: string) =>
       new HypervisorError({ vmid, operation, detail })
 

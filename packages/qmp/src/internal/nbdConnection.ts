@@ -434,7 +434,17 @@ export class Connection {
   minBlock = 1
   maxRequest: number = P.DEFAULT_MAX_BLOCK
 
-  private submit<A>(command: number, offset: number, length: number): Effect.Effect<A, NbdRequestFailure> {
+  /** Requests sent and not yet answered. */
+  get inFlight(): number {
+    return this.pending.size
+  }
+
+  private submit<A>(
+    command: number,
+    offset: number,
+    length: number,
+    buffer: Buffer | undefined
+  ): Effect.Effect<A, NbdRequestFailure> {
     return Effect.async<A, NbdRequestFailure>((resume) => {
       if (this.fatal !== undefined) return resume(Effect.fail(this.fatal))
       if (this.clientClosing || this.phase !== PHASE_TRANSMISSION) {
@@ -449,7 +459,7 @@ export class Connection {
         offset,
         length,
         resume: resume as Resume,
-        buffer: undefined,
+        buffer,
         pieces: [],
         extents: undefined,
         error: undefined
@@ -463,9 +473,14 @@ export class Connection {
     })
   }
 
-  /** One NBD_CMD_READ (the range must respect the block size limits). */
-  readOnce(offset: number, length: number): Effect.Effect<ReadResult, NbdRequestFailure> {
-    return this.permits.withPermits(1)(this.submit<ReadResult>(P.CMD_READ, offset, length))
+  /**
+   * One NBD_CMD_READ (the range must respect the block size limits). With `buffer` (exactly `length`
+   * bytes) the data lands there; otherwise a buffer is allocated when the first data arrives. Ranges
+   * the server reports as holes are left untouched in the buffer. If the wait is interrupted, the
+   * reply is still written into `buffer` when it arrives: the caller must not reuse it then.
+   */
+  readOnce(offset: number, length: number, buffer?: Buffer): Effect.Effect<ReadResult, NbdRequestFailure> {
+    return this.permits.withPermits(1)(this.submit<ReadResult>(P.CMD_READ, offset, length, buffer))
   }
 
   /** One NBD_CMD_BLOCK_STATUS; extents per context name, starting at `offset`. */
@@ -473,7 +488,9 @@ export class Connection {
     offset: number,
     length: number
   ): Effect.Effect<Map<string, Array<Extent>>, NbdRequestFailure> {
-    return this.permits.withPermits(1)(this.submit<Map<string, Array<Extent>>>(P.CMD_BLOCK_STATUS, offset, length))
+    return this.permits.withPermits(1)(
+      this.submit<Map<string, Array<Extent>>>(P.CMD_BLOCK_STATUS, offset, length, undefined)
+    )
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -584,7 +601,7 @@ export class Connection {
         }
         if (p.command === P.CMD_READ) {
           if (this.structured) return this.violation("simple reply with data to NBD_CMD_READ")
-          p.buffer = Buffer.allocUnsafe(p.length)
+          p.buffer ??= Buffer.allocUnsafe(p.length)
           this.state = ST_SIMPLE_DATA
           this.target(p.buffer, 0, p.length)
           return true
@@ -786,9 +803,25 @@ export class Connection {
   }
 }
 
+/**
+ * What reads and block status need from the transport: one connection, or several to the same
+ * export (see `nbdGroup.ts`).
+ */
+export interface Link {
+  readonly size: number
+  readonly minBlock: number
+  readonly maxRequest: number
+  readonly contexts: ReadonlyMap<number, string>
+  readonly readOnce: (offset: number, length: number, buffer?: Buffer) => Effect.Effect<ReadResult, NbdRequestFailure>
+  readonly blockStatusOnce: (
+    offset: number,
+    length: number
+  ) => Effect.Effect<Map<string, Array<Extent>>, NbdRequestFailure>
+}
+
 /** Validates `offset`/`length` against the export. */
 export const checkRange = (
-  conn: Connection,
+  conn: { readonly size: number },
   offset: number,
   length: number
 ): Effect.Effect<void, NbdRequestError> => {

@@ -9,7 +9,7 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Stream from "effect/Stream"
 import type { ExportChunk, Extent, ReadPiece, ReadResult, StreamOptions } from "../NbdClient.js"
-import { backing, checkRange, type Connection, MAX_STATUS_REQUEST } from "./nbdConnection.js"
+import { backing, checkRange, type Link, MAX_STATUS_REQUEST } from "./nbdConnection.js"
 import { NbdProtocolError, NbdRequestError } from "./nbdErrors.js"
 import type { NbdRequestFailure } from "./nbdErrors.js"
 
@@ -72,7 +72,7 @@ const clip = (result: ReadResult, offset: number, length: number): ReadResult =>
 
 /** Reads any range of the export: aligned to the minimum block size, split at the request limit. */
 export const read = (
-  conn: Connection,
+  conn: Link,
   offset: number,
   length: number
 ): Effect.Effect<ReadResult, NbdRequestFailure> =>
@@ -100,11 +100,11 @@ const noContext = (name: string, available: ReadonlyArray<string>) =>
     detail: `meta context ${name} was not negotiated (have: ${available.length === 0 ? "none" : available.join(", ")})`
   })
 
-const negotiated = (conn: Connection): Array<string> => Array.from(conn.contexts.values())
+const negotiated = (conn: Link): Array<string> => Array.from(conn.contexts.values())
 
 /** One block status request; the reply may cover less than asked for. */
 export const blockStatus = (
-  conn: Connection,
+  conn: Link,
   offset: number,
   length: number
 ): Effect.Effect<ReadonlyMap<string, ReadonlyArray<Extent>>, NbdRequestFailure> =>
@@ -131,7 +131,7 @@ const push = (list: Array<Extent>, offset: number, length: number, flags: number
  * flags merged), issuing as many block status requests as the server needs.
  */
 export const extents = (
-  conn: Connection,
+  conn: Link,
   offset: number,
   length: number,
   contexts?: ReadonlyArray<string>
@@ -233,7 +233,7 @@ const toChunk = (result: ReadResult): ExportChunk =>
 
 /** In-order chunks of the export; reads run `concurrency` at a time. */
 export const stream = (
-  conn: Connection,
+  conn: Link,
   options: StreamOptions = {}
 ): Stream.Stream<ExportChunk, NbdRequestFailure> =>
   Stream.unwrap(Effect.gen(function*() {
