@@ -17,13 +17,8 @@
  */
 import { NodeRuntime } from "@effect/platform-node"
 import { Effect, Layer } from "effect"
-import { execFile } from "node:child_process"
-import { createHash, randomBytes } from "node:crypto"
-import { createReadStream } from "node:fs"
-import * as Fs from "node:fs/promises"
 import * as NodePath from "node:path"
 import { fileURLToPath } from "node:url"
-import { promisify } from "node:util"
 import * as BackupJob from "@vzdump/core/BackupJob"
 import * as ConfigStore from "@vzdump/core/ConfigStore"
 import { BackupReporter } from "@vzdump/core/BackupReporter"
@@ -35,71 +30,15 @@ import * as VzdumpLog from "@vzdump/core/VzdumpLog"
 import * as VmaInput from "@vzdump/target-vma/VmaInput"
 import * as VmaReader from "@vzdump/target-vma/VmaReader"
 import * as VmaTarget from "@vzdump/target-vma/VmaTarget"
+import { createDemoVm, guestWriteCommands, imageHash, sha256File, workDir } from "./lib/demoVm.js"
 
-const run = promisify(execFile)
 const repo = NodePath.resolve(NodePath.dirname(fileURLToPath(import.meta.url)), "..")
 const dumpdir = NodePath.resolve(process.argv[2] ?? NodePath.join(repo, "dumps"))
 const VMID = 100
 
-const sha256File = (path: string) =>
-  Effect.promise(() =>
-    new Promise<string>((resolve, reject) => {
-      const hash = createHash("sha256")
-      createReadStream(path).on("data", (chunk) => hash.update(chunk)).on("end", () => resolve(hash.digest("hex")))
-        .on("error", reject)
-    })
-  )
-
-/** sha256 of an image's guest-visible content (qcow2 converted to raw first). */
-const imageHash = (path: string, format: string, scratch: string) =>
-  Effect.gen(function*() {
-    if (format === "raw") return yield* sha256File(path)
-    const raw = `${scratch}/hash-${NodePath.basename(path)}.raw`
-    yield* Effect.promise(() => run("qemu-img", ["convert", "-U", "-f", format, "-O", "raw", path, raw]))
-    const hash = yield* sha256File(raw)
-    yield* Effect.promise(() => Fs.rm(raw))
-    return hash
-  })
-
-const qemuIo = (path: string, format: string, commands: ReadonlyArray<string>) =>
-  Effect.promise(() => run("qemu-io", ["-f", format, ...commands.flatMap((c) => ["-c", c]), path]))
-
 const program = Effect.gen(function*() {
-  // a short working directory: QEMU's Unix socket paths must stay below ~107 bytes
-  const work = yield* Effect.acquireRelease(
-    Effect.promise(() => Fs.mkdtemp("/tmp/vzdump-demo-")),
-    (dir) => Effect.promise(() => Fs.rm(dir, { recursive: true, force: true }))
-  )
-  const images = `${work}/store/images/${VMID}`
-  const disks = [
-    { virtdev: "scsi0", file: `${images}/vm-${VMID}-disk-0.qcow2`, format: "qcow2", size: "64M" },
-    { virtdev: "virtio1", file: `${images}/vm-${VMID}-disk-1.raw`, format: "raw", size: "32M" }
-  ]
-  yield* Effect.promise(async () => {
-    await Fs.mkdir(images, { recursive: true })
-    await Fs.mkdir(`${work}/conf`)
-    for (const disk of disks) await run("qemu-img", ["create", "-q", "-f", disk.format, disk.file, disk.size])
-  })
-  // data and holes: random data, a pattern, and everything else never written
-  const random = `${work}/random.bin`
-  yield* Effect.promise(() => Fs.writeFile(random, randomBytes(5 * 1024 * 1024)))
-  yield* qemuIo(disks[0]!.file, "qcow2", [`write -s ${random} 0 5M`, "write -P 0x17 20M 4M", "write -P 0x5a 50M 512k"])
-  yield* qemuIo(disks[1]!.file, "raw", ["write -P 0x33 0 2M", `write -s ${random} 8M 2M`, "write -P 0x44 16M 3M"])
-  yield* Effect.promise(() =>
-    Fs.writeFile(
-      `${work}/conf/${VMID}.conf`,
-      [
-        "#demo VM of vzdump-ts",
-        "agent: 0",
-        "cores: 1",
-        "memory: 128",
-        "name: demo",
-        `scsi0: local:${VMID}/vm-${VMID}-disk-0.qcow2,size=64M`,
-        `virtio1: local:${VMID}/vm-${VMID}-disk-1.raw,size=32M`,
-        ""
-      ].join("\n")
-    )
-  )
+  const work = yield* workDir
+  const disks = yield* createDemoVm(work, VMID)
 
   const host = StandaloneHost.layer({
     configDir: `${work}/conf`,
@@ -112,7 +51,7 @@ const program = Effect.gen(function*() {
   yield* Effect.addFinalizer(() => Effect.ignore(hypervisor.stop(VMID)))
 
   // point-in-time content, before the VM runs (SeaBIOS finds nothing to boot and never writes)
-  const t0 = yield* Effect.forEach(disks, (disk) => imageHash(disk.file, disk.format, work))
+  const t0 = yield* Effect.forEach(disks, (disk) => imageHash(disk, work))
   process.stdout.write(`starting VM ${VMID} on stock QEMU\n`)
   yield* Effect.gen(function*() {
     const store = yield* ConfigStore.ConfigStore
@@ -123,12 +62,11 @@ const program = Effect.gen(function*() {
 
   // the reporter prints vzdump's lines and, once the job runs, writes through the disk devices
   const guestWrites = (qmp: { execute: (c: string, a?: object) => Effect.Effect<unknown, unknown> }) =>
-    Effect.forEach([
-      "qemu-io -d scsi0 \"write -P 0xaa 0 1M\"",
-      "qemu-io -d scsi0 \"write -P 0xbb 30M 2M\"",
-      "qemu-io -d virtio1/virtio-backend \"write -P 0xcc 0 2M\"",
-      "qemu-io -d virtio1/virtio-backend \"write -P 0xdd 20M 1M\""
-    ], (command) => qmp.execute("human-monitor-command", { "command-line": command }), { discard: true })
+    Effect.forEach(
+      guestWriteCommands,
+      (command) => qmp.execute("human-monitor-command", { "command-line": command }),
+      { discard: true }
+    )
   let wrote = false
   const reporter = Layer.succeed(BackupReporter, {
     report: (event) =>
@@ -162,7 +100,7 @@ const program = Effect.gen(function*() {
     const archive = yield* VmaReader.open(input)
     return yield* VmaReader.extract(archive, { directory: extractDir })
   }))
-  const now = yield* Effect.forEach(disks, (disk) => imageHash(disk.file, disk.format, work))
+  const now = yield* Effect.forEach(disks, (disk) => imageHash(disk, work))
   let ok = true
   process.stdout.write(`\narchive: ${result.archive.location}\n`)
   for (const [i, disk] of disks.entries()) {

@@ -1,15 +1,17 @@
 /**
- * The backup workflow of one VM, after Proxmox's `PVE/VZDump/QemuServer.pm`, as scoped Effects:
+ * The backup workflow of one VM, after Proxmox's `PVE/VZDump.pm` and `PVE/VZDump/QemuServer.pm`, as
+ * scoped Effects:
  *
- * lock the config → plan and activate volumes → (stop | suspend) → start QEMU paused if it is off →
- * fs-freeze → start the backup command → thaw → resume → poll the status once a second with vzdump's
- * progress lines → commit the archive → restore the power state → unlock.
+ * check the config, report the power state → lock the config → plan and activate volumes →
+ * (stop | suspend) → open the archive → start QEMU paused if it is off → fs-freeze → start the backup
+ * command → thaw → resume → poll the status once a second with vzdump's progress lines → restore the
+ * power state → commit the archive → unlock.
  *
- * Every step that changes the VM is an `acquireRelease`, so a failure or an interruption (SIGINT,
- * SIGTERM, a timeout, a parent fiber's interrupt) unwinds all of them in reverse order: the guest is
- * thawed, the job cancelled and its resources removed, the temp archive deleted, a VM started only
- * for the backup stopped again, a stopped or suspended VM resumed, and the `lock: backup` line
- * removed.
+ * Every step that changes the VM is undone on failure and interruption (SIGINT, SIGTERM, a timeout, a
+ * parent fiber's interrupt), in vzdump's order: the guest is thawed; the error is logged, the job
+ * cancelled (`aborting backup job`) and its resources removed; a guest that ran before is resumed; a
+ * QEMU started only for the backup is stopped again; the temp archive is deleted; a guest shut down
+ * for a `stop` backup is started again (`restarting vm`); the `lock: backup` line is removed.
  *
  * @since 0.1.0
  */
@@ -25,7 +27,7 @@ import * as Scope from "effect/Scope"
 import * as Fs from "node:fs/promises"
 import * as NodePath from "node:path"
 import type { GuestAgentService } from "@vzdump/qmp/GuestAgent"
-import { BackupEngine } from "./BackupEngine.js"
+import { BackupEngine, BackupEngineError } from "./BackupEngine.js"
 import type { EngineDevice, RunningBackup } from "./BackupEngine.js"
 import { BackupReporter } from "./BackupReporter.js"
 import type { BackupStatus } from "./BackupStatus.js"
@@ -121,23 +123,35 @@ const tagOf = (error: unknown): string =>
     ? error._tag
     : "Unknown"
 
+/** Why a step failed, in vzdump's words: the error's message, or `interrupted by signal`. */
+const reasonOf = (cause: Cause.Cause<unknown>): string => {
+  const failure = Cause.failureOption(cause)
+  if (Option.isSome(failure)) return messageOf(failure.value)
+  if (Cause.isInterruptedOnly(cause)) return "interrupted by signal"
+  const defect = Cause.dieOption(cause)
+  if (Option.isSome(defect)) return messageOf(defect.value)
+  return Cause.pretty(cause)
+}
+
 /** The per-VM log: reports every line and keeps the per-guest log file lines. */
 const makeLog = (vmid: number, timeZone: string | undefined) =>
   Effect.map(BackupReporter, (reporter) => {
     const fileLines: Array<string> = []
-    const write = (level: VzdumpLog.LogLevel, message: string) =>
+    const write = (level: VzdumpLog.LogLevel, message: string, toFile: boolean) =>
       Effect.flatMap(Clock.currentTimeMillis, (millis) => {
         const time = new Date(millis)
-        fileLines.push(...VzdumpLog.formatLogFileLines({ level, message }, time, timeZone))
+        if (toFile) fileLines.push(...VzdumpLog.formatLogFileLines({ level, message }, time, timeZone))
         return reporter.report({ _tag: "Log", vmid, level, message, time })
       })
     return {
       fileLines,
-      info: (message: string) => write("info", message),
-      warn: (message: string) => write("warn", message),
-      err: (message: string) => write("err", message),
+      info: (message: string) => write("info", message, true),
+      warn: (message: string) => write("warn", message, true),
+      err: (message: string) => write("err", message, true),
+      /** A line of the task log only, not of the per-guest log file (`Backup started at …`). */
+      taskInfo: (message: string) => write("info", message, false),
       entries: (entries: ReadonlyArray<VzdumpLog.LogEntry>) =>
-        Effect.forEach(entries, (entry) => write(entry.level, entry.message), { discard: true }),
+        Effect.forEach(entries, (entry) => write(entry.level, entry.message, true), { discard: true }),
       progress: (status: BackupStatus) =>
         Effect.flatMap(Clock.currentTimeMillis, (millis) =>
           reporter.report({ _tag: "Progress", vmid, status, time: new Date(millis) }))
@@ -150,58 +164,72 @@ const unixSeconds = Effect.map(Clock.currentTimeMillis, (millis) => millis / 100
 /** vzdump's `time()`: whole seconds. */
 const wholeSeconds = Effect.map(unixSeconds, Math.floor)
 
+/** How qemu-server words a failed monitor or agent command. */
+const commandFailed = (vmid: number, command: string, error: unknown) =>
+  `VM ${vmid} qmp command '${command}' failed - ${messageOf(error)}`
+
 /**
- * Freezes the guest's filesystems for the scope, as vzdump does: only when the agent answers;
- * a failed freeze is logged and the backup goes on; the thaw runs on success, failure and
- * interruption, with retries.
+ * Freezes the guest's filesystems for the scope, as vzdump does: a failed freeze is logged and the
+ * backup goes on; the thaw runs on success, failure and interruption (also after a failed freeze),
+ * with retries. `window` receives the seconds between the freeze request and the completed thaw.
  */
-const frozen = (agent: GuestAgentService, log: JobLog, timeout: Duration.DurationInput) =>
+const frozen = (
+  vmid: number,
+  agent: GuestAgentService,
+  log: JobLog,
+  timeout: Duration.DurationInput,
+  window: { seconds?: number | undefined }
+) =>
   Effect.acquireRelease(
     Effect.gen(function*() {
       yield* log.info(VzdumpLog.Messages.issuingFsFreeze)
       const started = yield* unixSeconds
       const result = yield* agent.execute("guest-fsfreeze-freeze", undefined, { timeout }).pipe(Effect.either)
-      if (result._tag === "Left") yield* log.warn(`unable to freeze guest fs - ${messageOf(result.left)}`)
-      return started
+      if (result._tag === "Left") yield* log.err(commandFailed(vmid, "guest-fsfreeze-freeze", result.left))
+      return { started, ok: result._tag === "Right" }
     }),
-    () =>
+    ({ ok, started }) =>
       Effect.gen(function*() {
         yield* log.info(VzdumpLog.Messages.issuingFsThaw)
-        yield* agent.execute("guest-fsfreeze-thaw", undefined, { timeout }).pipe(
+        const thawed = yield* agent.execute("guest-fsfreeze-thaw", undefined, { timeout }).pipe(
           Effect.retry(Schedule.spaced("1 second").pipe(Schedule.intersect(Schedule.recurs(5)))),
-          Effect.catchAll((error) => log.err(`unable to thaw guest fs - ${messageOf(error)}`))
+          Effect.as(true),
+          Effect.catchAll((error) => Effect.as(log.err(commandFailed(vmid, "guest-fsfreeze-thaw", error)), false))
         )
+        if (ok && thawed) window.seconds = (yield* unixSeconds) - started
       })
   )
 
 /**
- * Polls the job once a second and logs vzdump's progress lines until it is done; fails with the
- * job's error message.
+ * vzdump's status loop: polls the job (at once, then once a second) and logs the progress lines
+ * until it is done; fails with the job's error message.
  */
-const awaitJob = (job: RunningBackup, log: JobLog) =>
+const awaitJob = (job: RunningBackup, engine: string, log: JobLog) =>
   Effect.gen(function*() {
     const begin = VzdumpProgress.start({ jobUuid: job.uuid, now: yield* wholeSeconds })
     yield* log.entries(begin.lines.map(VzdumpLog.info))
     let state = begin.state
-    let last: BackupStatus = { finishing: false }
     while (true) {
-      yield* Effect.sleep("1 second")
-      last = yield* job.status
+      const last = yield* job.status
       yield* log.progress(last)
       const step = VzdumpProgress.step(state, last, yield* wholeSeconds)
       state = step.state
       yield* log.entries(step.lines.map(VzdumpLog.info))
-      if (step.outcome._tag === "Failed") return yield* Effect.fail(new StepError({ detail: step.outcome.message }))
-      if (step.outcome._tag === "Done") break
+      if (step.outcome._tag === "Failed") {
+        return yield* new BackupEngineError({ engine, reason: "Transfer", detail: step.outcome.message })
+      }
+      if (step.outcome._tag === "Done") {
+        const summary = VzdumpProgress.finish(state, yield* wholeSeconds)
+        yield* log.entries(summary.lines.map(VzdumpLog.info))
+        return last
+      }
+      yield* Effect.sleep("1 second")
     }
-    const summary = VzdumpProgress.finish(state, yield* wholeSeconds)
-    yield* log.entries(summary.lines.map(VzdumpLog.info))
-    return last
   })
 
 const QEMU_IOTHREAD_BACKUP = { major: 4, minor: 0, micro: 1 }
 
-/** The scoped body: everything between the lock and the committed archive. */
+/** The scoped body: everything between the config check and the committed archive. */
 const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { logPath?: string | undefined }) =>
   Effect.gen(function*() {
     const vmid = options.vmid
@@ -211,14 +239,18 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
     const engine = yield* BackupEngine
     const target = yield* BackupTarget
 
+    // vzdump reports the power state before it locks the config; a missing or broken config fails first
+    yield* store.load(vmid)
+    const initial = yield* hypervisor.status(vmid)
+    yield* log.info(VzdumpLog.Messages.status(initial.running))
     const config = yield* ConfigStore.locked(vmid, "backup")
     const main = VmConfig.main(config)
 
     // -- prepare ------------------------------------------------------------------------------
-    const initial = yield* hypervisor.status(vmid)
-    const wasRunning = initial.running && initial.qmpStatus !== "prelaunch"
-    const wasPaused = initial.running && initial.qmpStatus !== "running" && initial.qmpStatus !== "prelaunch"
-    yield* log.info(VzdumpLog.Messages.status(initial.running))
+    // qemu-server: a QEMU process counts as running, `paused` and `prelaunch` as paused (a guest
+    // suspended to RAM does not); paused guests are never suspended, frozen or resumed
+    const wasRunning = initial.running
+    const wasPaused = initial.running && (initial.qmpStatus === "paused" || initial.qmpStatus === "prelaunch")
     if (main.guestName !== undefined) yield* log.info(VzdumpLog.Messages.vmName(main.guestName))
 
     const selection = VmVolumes.select(config)
@@ -257,34 +289,49 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
     }
 
     const requested = options.mode ?? "snapshot"
-    const mode: BackupMode = initial.running ? requested : "stop"
+    const mode: BackupMode = wasRunning ? requested : "stop"
     yield* log.info(VzdumpLog.Messages.backupMode(mode))
     const bwlimit = options.bwlimit ?? 0
     if (bwlimit > 0) yield* log.info(VzdumpLog.Messages.bandwidthLimit(bwlimit))
     yield* log.info(VzdumpLog.Messages.ionicePriority(options.ionice ?? 7))
 
     // -- stop / suspend ------------------------------------------------------------------------
-    let stoppedAt: number | undefined
-    let resumed = false
+    // vzdump's `vmstoptime`: set when the guest is stopped or suspended, cleared once it runs again
+    const power: { stopTime?: number | undefined } = {}
+    const onlineAgain = Effect.gen(function*() {
+      if (power.stopTime === undefined) return
+      const delay = (yield* wholeSeconds) - power.stopTime
+      power.stopTime = undefined
+      yield* log.info(VzdumpLog.Messages.guestOnlineAgain(delay))
+    })
     if (mode === "stop" && wasRunning) {
       yield* log.info(VzdumpLog.Messages.stoppingGuest)
-      stoppedAt = yield* unixSeconds
+      power.stopTime = yield* wholeSeconds
       yield* Effect.acquireRelease(
         hypervisor.shutdown(vmid, Duration.minutes(options.stopwait ?? 10)),
-        // the VM ran before: if the backup failed before resuming it, bring it back (fix #3369)
+        // the guest ran before: when the backup failed before it was resumed, start it (fix #3369)
         () =>
-          resumed ? Effect.void : Effect.gen(function*() {
+          Effect.gen(function*() {
             const now = yield* hypervisor.status(vmid)
-            if (!now.running) yield* hypervisor.startPaused(vmid, config)
-            yield* hypervisor.resume(vmid)
-          }).pipe(Effect.catchAll((error) => log.err(`unable to restart VM ${vmid} - ${error.message}`)))
+            if (!now.running) {
+              yield* log.info("restarting vm")
+              yield* hypervisor.startPaused(vmid, config)
+              yield* hypervisor.resume(vmid)
+            }
+            yield* onlineAgain
+          }).pipe(Effect.catchAll((error) => log.warn(error.message)))
       )
-    } else if (mode === "suspend" && wasRunning && !wasPaused) {
+    } else if (mode === "suspend") {
       yield* log.info(VzdumpLog.Messages.suspendingGuest)
-      yield* Effect.acquireRelease(hypervisor.suspend(vmid), () =>
-        resumed ? Effect.void : hypervisor.resume(vmid).pipe(
-          Effect.catchAll((error) => log.err(`unable to resume VM ${vmid} - ${error.message}`))
-        ))
+      power.stopTime = yield* wholeSeconds
+      if (!wasPaused) {
+        yield* Effect.acquireRelease(hypervisor.suspend(vmid), () =>
+          power.stopTime === undefined ? Effect.void : Effect.gen(function*() {
+            yield* log.info("resume vm")
+            yield* hypervisor.resume(vmid)
+            yield* onlineAgain
+          }).pipe(Effect.catchAll((error) => log.warn(error.message))))
+      }
     }
 
     // -- config for the archive ----------------------------------------------------------------
@@ -315,92 +362,109 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
     opened.logPath = archive.logPath
     yield* log.info(archive.openedLine)
 
-    // -- QEMU for the backup ---------------------------------------------------------------------
-    const current = yield* hypervisor.status(vmid)
-    if (!current.running) {
-      yield* log.info(VzdumpLog.Messages.startingKvm)
-      yield* Effect.acquireRelease(hypervisor.startPaused(vmid, config), () =>
-        wasRunning ? Effect.void : Effect.gen(function*() {
-          // restore the power state: stop QEMU only if nobody started the guest meanwhile
-          const after = yield* hypervisor.status(vmid)
-          if (!after.running) return
-          if (after.qmpStatus === "prelaunch") {
-            yield* log.info(VzdumpLog.Messages.stoppingKvm)
-            yield* hypervisor.stop(vmid)
-          } else {
-            yield* log.info(VzdumpLog.Messages.kvmStatusChanged(after.qmpStatus ?? "unknown"))
-          }
-        }).pipe(Effect.catchAll((error) => log.err(error.message))))
-    }
-    const qmp = yield* hypervisor.monitor(vmid)
-    const job = {
-      vmid,
-      devices,
-      qmp,
-      archive,
-      speed: bwlimit * 1024,
-      log: (level: "info" | "warn", message: string) => level === "warn" ? log.warn(message) : log.info(message)
-    }
-    yield* engine.prepare(job)
-
-    // -- freeze, start, thaw -----------------------------------------------------------------------
-    const freeze = mode === "snapshot" && wasRunning && !wasPaused && VmConfig.shouldFreezeFs(main.agent)
-    const agentTimeout = options.agentTimeout ?? Duration.seconds(60)
-    let freezeSeconds: number | undefined
-    const startJob = Effect.zipRight(log.info(VzdumpLog.Messages.startingBackupViaQmp), engine.start(job))
-    const running: RunningBackup = yield* Effect.gen(function*() {
-      if (!freeze) return yield* startJob
-      const agent = yield* hypervisor.guestAgent(vmid).pipe(
-        Effect.tap((agent) => agent.sync({ timeout: "5 seconds" })),
-        Effect.option
-      )
-      if (Option.isNone(agent)) {
-        yield* log.info("skipping guest-agent 'fs-freeze', agent configured but not running?")
-        return yield* startJob
+    // -- the QEMU part (qemu-server's `archive`) --------------------------------------------------
+    /** qemu-server's `resume_vm_after_job_start`: `cont` a guest that ran before (a no-op if it runs). */
+    const resumeAfterJobStart = Effect.gen(function*() {
+      if (!wasRunning || wasPaused) return
+      if (power.stopTime !== undefined) {
+        const delay = (yield* wholeSeconds) - power.stopTime
+        power.stopTime = undefined
+        yield* log.info(VzdumpLog.Messages.resumingVm(delay))
+      } else {
+        yield* log.info(VzdumpLog.Messages.resumingVm())
       }
-      // the freeze lives in an inner scope: thaw right after the job has started
-      const outer = yield* Effect.scope
-      return yield* Effect.scoped(Effect.gen(function*() {
-        const frozenAt = yield* frozen(agent.value, log, agentTimeout)
-        const started = yield* Scope.extend(startJob, outer)
-        yield* Effect.addFinalizer(() =>
-          Effect.map(unixSeconds, (now) => {
-            freezeSeconds = now - frozenAt
-          })
-        )
-        return started
-      })).pipe(Effect.tap(() =>
-        freezeSeconds !== undefined
-          ? log.info(`guest filesystems were frozen for ${freezeSeconds.toFixed(3)} seconds`)
-          : Effect.void
-      ))
+      yield* hypervisor.resume(vmid)
     })
-    yield* log.info(VzdumpLog.Messages.startedBackupTask(running.uuid))
+    /** qemu-server's `restore_vm_power_state`: stop QEMU started for the backup, unless the guest was started. */
+    const restorePowerState = Effect.gen(function*() {
+      if (wasRunning) return
+      const after = yield* hypervisor.status(vmid)
+      if (!after.running) return
+      if (after.qmpStatus === "prelaunch") {
+        yield* log.info(VzdumpLog.Messages.stoppingKvm)
+        yield* hypervisor.stop(vmid)
+      } else {
+        yield* log.info(VzdumpLog.Messages.kvmStatusChanged(after.qmpStatus ?? "unknown"))
+      }
+    }).pipe(Effect.catchAll((error) => log.warn(error.message)))
 
-    // -- resume ------------------------------------------------------------------------------------
-    if (mode === "stop" && wasRunning) {
-      yield* hypervisor.resume(vmid)
-      resumed = true
-      const after = Math.round((yield* unixSeconds) - (stoppedAt ?? 0))
-      yield* log.info(VzdumpLog.Messages.resumingVm(after))
-    } else if (mode === "suspend" && wasRunning && !wasPaused) {
-      yield* log.info(VzdumpLog.Messages.resumingVm())
-      yield* hypervisor.resume(vmid)
-      resumed = true
-    }
+    const freezeWindow: { seconds?: number | undefined } = {}
+    let running: RunningBackup | undefined
+    const backup = Effect.gen(function*() {
+      const current = yield* hypervisor.status(vmid)
+      if (!current.running) {
+        yield* log.info(VzdumpLog.Messages.startingKvm)
+        yield* hypervisor.startPaused(vmid, config)
+      }
+      const qmp = yield* hypervisor.monitor(vmid)
+      const job = {
+        vmid,
+        devices,
+        qmp,
+        archive,
+        speed: bwlimit * 1024,
+        log: (level: "info" | "warn", message: string) => level === "warn" ? log.warn(message) : log.info(message)
+      }
+      yield* engine.prepare(job)
 
-    // -- poll --------------------------------------------------------------------------------------
-    const last = yield* awaitJob(running, log).pipe(
-      Effect.onError((cause) =>
-        Exit.isInterrupted(Exit.failCause(cause)) ? running.cancel : Effect.zipRight(
-          log.info(VzdumpLog.Messages.abortingBackupJob),
-          running.cancel
+      // -- freeze, start, thaw -------------------------------------------------------------------
+      const jobScope = yield* Effect.scope
+      const startJob = Effect.zipRight(log.info(VzdumpLog.Messages.startingBackupViaQmp), engine.start(job))
+      const freeze = main.agent?.enabled === true && mode !== "stop" && wasRunning && !wasPaused
+      running = yield* Effect.gen(function*() {
+        if (!freeze) return yield* startJob
+        const agent = yield* hypervisor.guestAgent(vmid).pipe(
+          Effect.tap((agent) => agent.execute("guest-ping", undefined, { timeout: "3 seconds" })),
+          Effect.option
         )
+        if (Option.isNone(agent)) {
+          yield* log.info("skipping guest-agent 'fs-freeze', agent configured but not running?")
+          return yield* startJob
+        }
+        if (!VmConfig.shouldFreezeFs(main.agent)) {
+          yield* log.info("skipping guest-agent 'fs-freeze', disabled in VM options")
+          return yield* startJob
+        }
+        // the freeze lives in an inner scope: thaw right after the job has started
+        const agentTimeout = options.agentTimeout ?? Duration.seconds(60)
+        const started = yield* Effect.scoped(
+          Effect.zipRight(frozen(vmid, agent.value, log, agentTimeout, freezeWindow), Scope.extend(startJob, jobScope))
+        )
+        if (freezeWindow.seconds !== undefined) {
+          yield* log.info(
+            `guest filesystems were frozen for ${VzdumpLog.formatFixed(freezeWindow.seconds, 3)} seconds`
+          )
+        }
+        return started
+      })
+      yield* log.info(VzdumpLog.Messages.startedBackupTask(running.uuid))
+      yield* resumeAfterJobStart
+      return yield* awaitJob(running, engine.name, log)
+    })
+
+    const last = yield* Effect.scoped(backup.pipe(
+      // vzdump: log the error, cancel the job (its resources go with this scope) …
+      Effect.onError((cause) =>
+        Effect.gen(function*() {
+          yield* log.err(reasonOf(cause))
+          yield* log.info(VzdumpLog.Messages.abortingBackupJob)
+          if (running !== undefined) yield* running.cancel
+        })
       )
+    )).pipe(
+      // … then bring a guest that ran before back (after the engine's cleanup, which resumes a
+      // guest paused by a full fleece) …
+      Effect.onError(() =>
+        Effect.gen(function*() {
+          if ((yield* hypervisor.status(vmid)).running) yield* resumeAfterJobStart
+        }).pipe(Effect.catchAll((error) => log.warn(error.message)))
+      ),
+      // … and stop QEMU again if it was started for the backup
+      Effect.ensuring(restorePowerState)
     )
     const result = yield* archive.commit
     yield* log.entries(result.logLines.map(VzdumpLog.info))
-    return { archive: result, status: last, freezeSeconds }
+    return { archive: result, status: last, freezeSeconds: freezeWindow.seconds }
   })
 
 const writeLogFile = (path: string | undefined, log: JobLog) =>
@@ -412,7 +476,8 @@ const writeLogFile = (path: string | undefined, log: JobLog) =>
  * Backs up one VM. Requires the host profile's services (`ConfigStore`, `Storage`, `Hypervisor`),
  * an engine (`BackupEngine`), a target (`BackupTarget`) and a `BackupReporter`. Fails with
  * `BackupFailed` after logging vzdump's `ERROR: Backup of VM <id> failed - <reason>` line; every
- * step has been unwound by then.
+ * step has been unwound by then. An interruption unwinds the same way, logs the failure as
+ * `interrupted by signal` and ends the fiber as interrupted.
  *
  * @since 0.1.0
  * @category workflow
@@ -424,37 +489,37 @@ export const backupVm = (
   BackupFailed,
   ConfigStore.ConfigStore | Storage | Hypervisor | BackupEngine | BackupTarget | BackupReporter
 > =>
-  Effect.gen(function*() {
-    const vmid = options.vmid
-    const log = yield* makeLog(vmid, options.timeZone)
-    const startMillis = yield* Clock.currentTimeMillis
-    const startTime = new Date(startMillis)
-    yield* log.info(VzdumpLog.Messages.startingBackup(vmid))
-    yield* log.info(VzdumpLog.Messages.backupStartedAt(startTime, options.timeZone))
-    // the per-guest log file goes beside the archive, on success and on failure
-    const opened: { logPath?: string | undefined } = {}
-    const outcome = yield* Effect.scoped(run(options, log, startTime, opened)).pipe(Effect.exit)
-    const elapsed = ((yield* Clock.currentTimeMillis) - startMillis) / 1000
-    if (Exit.isSuccess(outcome)) {
-      yield* log.info(VzdumpLog.Messages.finishedBackup(vmid, elapsed))
-      yield* writeLogFile(opened.logPath, log)
-      return {
-        vmid,
-        archive: outcome.value.archive,
-        status: outcome.value.status,
-        freezeSeconds: outcome.value.freezeSeconds,
-        logLines: [...log.fileLines]
+  Effect.uninterruptibleMask((restore) =>
+    Effect.gen(function*() {
+      const vmid = options.vmid
+      const log = yield* makeLog(vmid, options.timeZone)
+      const startMillis = yield* Clock.currentTimeMillis
+      const startTime = new Date(startMillis)
+      yield* log.info(VzdumpLog.Messages.startingBackup(vmid))
+      yield* log.taskInfo(VzdumpLog.Messages.backupStartedAt(startTime, options.timeZone))
+      // the per-guest log file goes beside the archive, on success and on failure
+      const opened: { logPath?: string | undefined } = {}
+      const outcome = yield* restore(Effect.scoped(run(options, log, startTime, opened))).pipe(Effect.exit)
+      const endMillis = yield* Clock.currentTimeMillis
+      const elapsed = Math.floor(endMillis / 1000) - Math.floor(startMillis / 1000)
+      if (Exit.isSuccess(outcome)) {
+        yield* log.info(VzdumpLog.Messages.finishedBackup(vmid, elapsed))
+        yield* log.taskInfo(VzdumpLog.Messages.backupFinishedAt(new Date(endMillis), options.timeZone))
+        yield* writeLogFile(opened.logPath, log)
+        return {
+          vmid,
+          archive: outcome.value.archive,
+          status: outcome.value.status,
+          freezeSeconds: outcome.value.freezeSeconds,
+          logLines: [...log.fileLines]
+        }
       }
-    }
-    const error = Option.getOrUndefined(Cause.failureOption(outcome.cause))
-    const reason = error !== undefined
-      ? messageOf(error)
-      : Cause.isInterruptedOnly(outcome.cause)
-      ? "interrupted by signal"
-      : Cause.pretty(outcome.cause)
-    yield* log.err(VzdumpLog.Messages.backupFailed(vmid, reason))
-    yield* writeLogFile(opened.logPath, log)
-    if (error === undefined) return yield* Effect.failCause(outcome.cause as Cause.Cause<never>)
-    return yield* new BackupFailed({ vmid, cause: tagOf(error), detail: reason })
-  }).pipe(Effect.withSpan("BackupJob.backupVm", { attributes: { vmid: options.vmid } }))
-
+      const reason = reasonOf(outcome.cause)
+      yield* log.err(VzdumpLog.Messages.backupFailed(vmid, reason))
+      yield* log.taskInfo(VzdumpLog.Messages.failedAt(new Date(endMillis), options.timeZone))
+      yield* writeLogFile(opened.logPath, log)
+      const error = Option.getOrUndefined(Cause.failureOption(outcome.cause))
+      if (error === undefined) return yield* Effect.failCause(outcome.cause as Cause.Cause<never>)
+      return yield* new BackupFailed({ vmid, cause: tagOf(error), detail: reason })
+    })
+  ).pipe(Effect.withSpan("BackupJob.backupVm", { attributes: { vmid: options.vmid } }))

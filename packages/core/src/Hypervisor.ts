@@ -3,8 +3,9 @@
  * resume, and access to its QMP monitor and guest agent. The standalone host profile
  * (`StandaloneHost`) runs `qemu-system-x86_64` itself; a Proxmox-host profile drives `qm`.
  *
- * QEMU serves one QMP client per monitor socket, so `monitor` hands out a connection shared by every
- * user inside this process (reference-counted, closed when the last scope using it closes).
+ * QEMU serves one client per monitor socket and per guest-agent chardev, so `monitor` and `guestAgent`
+ * hand out a connection shared by every user inside this process (reference-counted, closed when the
+ * last scope using it closes).
  *
  * @since 0.1.0
  */

@@ -103,6 +103,15 @@ export const makeHypervisor = (
         ),
       idleTimeToLive: Duration.zero
     })
+    // the agent's chardev also serves one client at a time: share one connection per VM as well
+    const agents = yield* RcMap.make({
+      lookup: (vmid: number) =>
+        GuestAgent.make({ address: paths(vmid).qga, syncTimeout: "3 seconds" }).pipe(
+          Effect.provide(NodeQmpTransport.layer),
+          Effect.mapError((error) => fail(vmid, "agent", error.message))
+        ),
+      idleTimeToLive: Duration.zero
+    })
 
     const monitor = (vmid: number) =>
       Effect.suspend(() =>
@@ -210,9 +219,10 @@ export const makeHypervisor = (
       resume: (vmid) => withMonitor(vmid, "resume", (qmp) => qmp.execute("cont")).pipe(Effect.asVoid),
       monitor,
       guestAgent: (vmid) =>
-        GuestAgent.make({ address: paths(vmid).qga }).pipe(
-          Effect.provide(NodeQmpTransport.layer),
-          Effect.mapError((error) => fail(vmid, "agent", error.message))
+        Effect.suspend(() =>
+          livePid(paths(vmid).pid) === undefined
+            ? Effect.fail(fail(vmid, "agent", "VM is not running"))
+            : RcMap.get(agents, vmid)
         )
     }
     return service

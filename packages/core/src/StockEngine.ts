@@ -33,6 +33,7 @@ import { BackupEngine, BackupEngineError } from "./BackupEngine.js"
 import type { BackupEngineService, EngineDevice, EngineJob, RunningBackup } from "./BackupEngine.js"
 import type { BackupStatus } from "./BackupStatus.js"
 import { HostCommand } from "./HostCommand.js"
+import * as VzdumpLog from "./VzdumpLog.js"
 
 /**
  * @since 0.1.0
@@ -154,30 +155,38 @@ export const make = (options: StockEngineOptions) =>
       Effect.gen(function*() {
         const qmp = job.qmp
         const wanted = job.devices.map((device) => names(options, job.vmid, device.virtdev))
+        const socket = socketPath(options, job.vmid)
         const exports = yield* exec(qmp, "Prepare", "query-block-exports").pipe(
           Effect.flatMap(decode(Schema.Array(QmpSchema.BlockExportInfo), "query-block-exports"))
         )
-        const stale = exports.filter((info) => info.id.startsWith("vzdump-exp-"))
-        for (const info of stale) yield* deleteExport(qmp, info.id)
-        if (stale.length > 0 || exports.length === 0) {
-          // a leftover server of ours (or none): stopping a stopped server fails harmlessly
-          yield* exec(qmp, "Prepare", "nbd-server-stop").pipe(Effect.ignore)
-        }
         const jobs = yield* exec(qmp, "Prepare", "query-jobs").pipe(
           Effect.flatMap(decode(Schema.Array(QmpSchema.JobInfo), "query-jobs"))
         )
-        for (const info of jobs.filter((info) => info.id.startsWith("vzdump-fleece-job-"))) {
-          yield* job.log("warn", `removing left-over backup job '${info.id}'`)
-          yield* cancelJob(qmp, info.id)
-        }
         const nodes = yield* exec(qmp, "Prepare", "query-named-block-nodes", { flat: true }).pipe(
           Effect.flatMap(decode(Schema.Array(Schema.Struct({ "node-name": Schema.String })), "query-named-block-nodes"))
         )
-        for (const node of nodes.filter((node) => node["node-name"].startsWith("vzdump-fleece-"))) {
+        const staleExports = exports.filter((info) => info.id.startsWith("vzdump-exp-"))
+        const staleJobs = jobs.filter((info) => info.id.startsWith("vzdump-fleece-job-"))
+        const staleNodes = nodes.filter((node) => node["node-name"].startsWith("vzdump-fleece-"))
+        // our NBD server listens on a deterministic socket: if the file is there, a crashed run left it
+        const staleServer = yield* Effect.promise(() =>
+          Fs.stat(socket).then(() => true, () => false)
+        )
+        if (staleExports.length + staleJobs.length + staleNodes.length > 0) {
+          yield* job.log("warn", VzdumpLog.Messages.leftOverJob)
+        }
+        // the spec's order: exports → NBD server → jobs → fleece nodes → files
+        for (const info of staleExports) yield* deleteExport(qmp, info.id)
+        if (staleExports.length > 0 || staleServer) {
+          // stopping a server that is not running fails harmlessly
+          yield* exec(qmp, "Prepare", "nbd-server-stop").pipe(Effect.ignore)
+        }
+        for (const info of staleJobs) yield* cancelJob(qmp, info.id)
+        for (const node of staleNodes) {
           yield* exec(qmp, "Prepare", "blockdev-del", { "node-name": node["node-name"] })
         }
         yield* Effect.forEach(wanted, (name) => removeFile(name.file), { discard: true })
-        yield* removeFile(socketPath(options, job.vmid))
+        yield* removeFile(socket)
       })
 
     const start = (job: EngineJob) =>

@@ -111,6 +111,11 @@ export interface DriveResult {
   readonly zeroChunks: number
   /** Slots given as `reuse`. */
   readonly reusedChunks: number
+  /**
+   * Image bytes whose chunk was not sent (slots reused from the previous index, or whose chunk the
+   * server already knew, the zero chunk included): Proxmox's `reused` counter.
+   */
+  readonly reusedBytes: number
   /** Whether the index was created with `reuse-csum` from the previous snapshot. */
   readonly incremental: boolean
 }
@@ -285,7 +290,14 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
       let closed = false
       let appendQueue: Array<{ readonly digest: string; readonly offset: number }> = []
       let appended = 0
-      const stats = { uploadedChunks: 0, uploadedBytes: 0, knownChunks: 0, zeroChunks: 0, reusedChunks: 0 }
+      const stats = {
+        uploadedChunks: 0,
+        uploadedBytes: 0,
+        knownChunks: 0,
+        zeroChunks: 0,
+        reusedChunks: 0,
+        reusedBytes: 0
+      }
 
       const flush = Effect.suspend(() => {
         if (appendQueue.length === 0) return Effect.void
@@ -359,7 +371,10 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
           }
           nextSlot += 1
           digests.set(digest, slot * 32)
-          if (chunk._tag === "Reuse" && incremental && chunk.index === slot) return
+          if (chunk._tag === "Reuse" && incremental && chunk.index === slot) {
+            stats.reusedBytes += length
+            return
+          }
           const hex = Bytes.toHex(digest)
           const offset = slot * FixedIndex.CHUNK_SIZE
           yield* permits.take(1)
@@ -367,6 +382,7 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
           const pending = known.get(hex)
           if (pending !== undefined) {
             stats.knownChunks += 1
+            stats.reusedBytes += length
             work = Deferred.await(pending)
           } else {
             let blob: Buffer

@@ -422,7 +422,9 @@ export class Connection {
         blockSize: effective,
         advertisedBlockSize: blockSize !== undefined,
         structuredReplies: structured,
-        metaContexts: Array.from(contexts.values())
+        metaContexts: Array.from(contexts.values()),
+        canMultiConn: (flags & P.TFLAG_CAN_MULTI_CONN) !== 0,
+        connections: 1
       }
     })
   }
