@@ -13,6 +13,7 @@ import type * as Scope from "effect/Scope"
 import type { QmpClientService } from "@vzdump/qmp/QmpClient"
 import type { BackupStatus } from "./BackupStatus.js"
 import type { ArchiveSession } from "./BackupTarget.js"
+import type { BitmapInfo } from "./VzdumpProgress.js"
 
 /**
  * @since 0.1.0
@@ -62,6 +63,12 @@ export interface EngineJob {
   readonly speed: number
   /** Called for log lines the engine wants in the backup log (`INFO:` level unless it says `WARN`). */
   readonly log: (level: "info" | "warn", message: string) => Effect.Effect<void>
+  /** The VM is a template (no dirty bitmap, no fleecing). */
+  readonly template?: boolean | undefined
+  /** vzdump's `performance: max-workers=N`. */
+  readonly maxWorkers?: number | undefined
+  /** vzdump's `fleecing: enabled=1` (Proxmox engine). */
+  readonly fleecing?: boolean | undefined
 }
 
 /**
@@ -75,6 +82,8 @@ export interface RunningBackup {
   readonly uuid: string
   readonly status: Effect.Effect<BackupStatus, BackupEngineError>
   readonly cancel: Effect.Effect<void>
+  /** Per-drive dirty-bitmap outcome, for vzdump's `dirty-bitmap status` lines. */
+  readonly bitmapInfo?: ReadonlyArray<BitmapInfo> | undefined
 }
 
 /**
@@ -83,8 +92,12 @@ export interface RunningBackup {
  */
 export interface BackupEngineService {
   readonly name: string
-  /** Removes leftovers of a crashed earlier run (exports, jobs, nodes, files) before a new job. */
-  readonly prepare: (job: EngineJob) => Effect.Effect<void, BackupEngineError>
+  /**
+   * Runs before the guest is frozen: removes leftovers of a crashed earlier run (exports, jobs, nodes,
+   * files) and sets up what the job needs, so that the freeze covers only the point in time. What it
+   * sets up lives in the scope.
+   */
+  readonly prepare: (job: EngineJob) => Effect.Effect<void, BackupEngineError, Scope.Scope>
   /**
    * Takes the point in time and starts the transfer; returns once the copy is consistent, so the
    * workflow can thaw and resume the guest right after.

@@ -68,6 +68,10 @@ export interface BackupOptions {
   readonly timeZone?: string | undefined
   /** How long to wait for the guest agent's answers (sync, freeze, thaw); default 60 seconds. */
   readonly agentTimeout?: Duration.DurationInput | undefined
+  /** vzdump's `performance: max-workers=N` (passed to engines that support it). */
+  readonly maxWorkers?: number | undefined
+  /** vzdump's `fleecing: enabled=1` (Proxmox engine; the stock engine always fleeces). */
+  readonly fleecing?: boolean | undefined
 }
 
 /**
@@ -204,9 +208,14 @@ const frozen = (
  * vzdump's status loop: polls the job (at once, then once a second) and logs the progress lines
  * until it is done; fails with the job's error message.
  */
-const awaitJob = (job: RunningBackup, engine: string, log: JobLog) =>
+const awaitJob = (job: RunningBackup, engine: string, log: JobLog, isTemplate: boolean) =>
   Effect.gen(function*() {
-    const begin = VzdumpProgress.start({ jobUuid: job.uuid, now: yield* wholeSeconds })
+    const begin = VzdumpProgress.start({
+      jobUuid: job.uuid,
+      now: yield* wholeSeconds,
+      bitmapInfo: job.bitmapInfo,
+      isTemplate
+    })
     yield* log.entries(begin.lines.map(VzdumpLog.info))
     let state = begin.state
     while (true) {
@@ -307,20 +316,22 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
     if (mode === "stop" && wasRunning) {
       yield* log.info(VzdumpLog.Messages.stoppingGuest)
       power.stopTime = yield* wholeSeconds
-      yield* Effect.acquireRelease(
-        hypervisor.shutdown(vmid, Duration.minutes(options.stopwait ?? 10)),
-        // the guest ran before: when the backup failed before it was resumed, start it (fix #3369)
-        () =>
-          Effect.gen(function*() {
-            const now = yield* hypervisor.status(vmid)
-            if (!now.running) {
-              yield* log.info("restarting vm")
-              yield* hypervisor.startPaused(vmid, config)
-              yield* hypervisor.resume(vmid)
-            }
-            yield* onlineAgain
-          }).pipe(Effect.catchAll((error) => log.warn(error.message)))
+      // the guest ran before: once it is down, a failed backup starts it again (fix #3369). The
+      // shutdown itself stays interruptible: it may wait `stopwait` minutes.
+      let stopped = false
+      yield* Effect.addFinalizer(() =>
+        !stopped ? Effect.void : Effect.gen(function*() {
+          const now = yield* hypervisor.status(vmid)
+          if (!now.running) {
+            yield* log.info("restarting vm")
+            yield* hypervisor.startPaused(vmid, config)
+            yield* hypervisor.resume(vmid)
+          }
+          yield* onlineAgain
+        }).pipe(Effect.catchAll((error) => log.warn(error.message)))
       )
+      yield* hypervisor.shutdown(vmid, Duration.minutes(options.stopwait ?? 10))
+      stopped = true
     } else if (mode === "suspend") {
       yield* log.info(VzdumpLog.Messages.suspendingGuest)
       power.stopTime = yield* wholeSeconds
@@ -403,14 +414,22 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
         qmp,
         archive,
         speed: bwlimit * 1024,
-        log: (level: "info" | "warn", message: string) => level === "warn" ? log.warn(message) : log.info(message)
+        log: (level: "info" | "warn", message: string) => level === "warn" ? log.warn(message) : log.info(message),
+        template: VmConfig.isTemplate(config),
+        maxWorkers: options.maxWorkers,
+        fleecing: options.fleecing
       }
       yield* engine.prepare(job)
 
       // -- freeze, start, thaw -------------------------------------------------------------------
       const jobScope = yield* Effect.scope
-      const startJob = Effect.zipRight(log.info(VzdumpLog.Messages.startingBackupViaQmp), engine.start(job))
-      const freeze = main.agent?.enabled === true && mode !== "stop" && wasRunning && !wasPaused
+      // a VM without disks: vzdump writes the configs only, with no QMP job and no freeze
+      const diskless = devices.length === 0
+      const startJob = Effect.zipRight(
+        log.info(diskless ? VzdumpLog.Messages.startingDisklessBackup : VzdumpLog.Messages.startingBackupViaQmp),
+        engine.start(job)
+      )
+      const freeze = !diskless && main.agent?.enabled === true && mode !== "stop" && wasRunning && !wasPaused
       running = yield* Effect.gen(function*() {
         if (!freeze) return yield* startJob
         const agent = yield* hypervisor.guestAgent(vmid).pipe(
@@ -437,9 +456,20 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
         }
         return started
       })
-      yield* log.info(VzdumpLog.Messages.startedBackupTask(running.uuid))
+      if (!diskless) yield* log.info(VzdumpLog.Messages.startedBackupTask(running.uuid))
       yield* resumeAfterJobStart
-      return yield* awaitJob(running, engine.name, log)
+      if (diskless) {
+        const status = yield* running.status
+        if (status.status !== "done") {
+          return yield* new BackupEngineError({
+            engine: engine.name,
+            reason: "Transfer",
+            detail: status.errmsg ?? `got unexpected status '${status.status ?? "unknown"}'`
+          })
+        }
+        return status
+      }
+      return yield* awaitJob(running, engine.name, log, job.template)
     })
 
     const last = yield* Effect.scoped(backup.pipe(

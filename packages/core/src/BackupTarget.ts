@@ -10,6 +10,7 @@ import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Schema from "effect/Schema"
 import type * as Scope from "effect/Scope"
+import type { ArchiveDestination } from "./ArchiveDestination.js"
 
 /**
  * @since 0.1.0
@@ -99,6 +100,11 @@ export interface ArchiveSession {
   readonly writeZeros: (device: number, offset: number, length: number) => Effect.Effect<void, BackupTargetError>
   /** Finishes the archive and moves it to its final name. */
   readonly commit: Effect.Effect<ArchiveResult, BackupTargetError>
+  /**
+   * Where an engine that writes the archive itself (Proxmox's `backup` QMP command) puts it: a VMA
+   * file path with its compressor, or a PBS repository. Absent for targets only our code writes to.
+   */
+  readonly destination?: ArchiveDestination | undefined
 }
 
 /**

@@ -130,11 +130,15 @@ export const makeHypervisor = (
           Effect.mapError((error) => fail(vmid, operation, (error as { message?: string }).message ?? String(error)))
         )))
 
-    /** Waits until the QEMU process is gone; `false` when it still runs after `timeout`. */
+    /**
+     * Waits until the QEMU process is gone; `false` when it still runs after `timeout`. The polling is
+     * interruptible so the timeout also works where the caller is not (finalizers).
+     */
     const awaitExit = (vmid: number, timeout: Duration.DurationInput) =>
       Effect.suspend(() => Effect.succeed(livePid(paths(vmid).pid))).pipe(
         Effect.repeat({ schedule: Schedule.spaced("100 millis"), while: (pid) => pid !== undefined }),
         Effect.as(true),
+        Effect.interruptible,
         Effect.timeoutTo({ duration: timeout, onTimeout: () => false, onSuccess: (done) => done })
       )
 

@@ -136,6 +136,13 @@ const cancelJob = (qmp: QmpClientService, job: string) =>
     `BLOCK_JOB_CANCELLED ${job}`
   )
 
+/** What `prepare` set up for a VM's job: live node names, resource names, and whether the fleece ran full. */
+interface PreparedDisks {
+  readonly nodes: ReadonlyArray<string>
+  readonly names: ReadonlyArray<ReturnType<typeof names>>
+  noSpace: boolean
+}
+
 /** Logs a failed cleanup step instead of failing: later steps must still run. */
 const bestEffort = (job: EngineJob, effect: Effect.Effect<unknown, BackupEngineError>) =>
   effect.pipe(Effect.asVoid, Effect.catchAll((error) => job.log("warn", `cleanup: ${error.message}`)))
@@ -151,8 +158,11 @@ export const make = (options: StockEngineOptions) =>
     const chunkSize = options.chunkSize ?? 4 * 1024 * 1024
     const concurrency = options.concurrency ?? 4
 
+    const prepared = new Map<number, PreparedDisks>()
+
     const prepare = (job: EngineJob) =>
       Effect.gen(function*() {
+        if (job.devices.length === 0) return
         const qmp = job.qmp
         const wanted = job.devices.map((device) => names(options, job.vmid, device.virtdev))
         const socket = socketPath(options, job.vmid)
@@ -187,12 +197,57 @@ export const make = (options: StockEngineOptions) =>
         }
         yield* Effect.forEach(wanted, (name) => removeFile(name.file), { discard: true })
         yield* removeFile(socket)
+
+        // fleece images and nodes: prepared before the freeze, so the freeze only covers the transaction
+        const disks: PreparedDisks = { nodes: yield* liveNodes(qmp, job.devices), names: wanted, noSpace: false }
+        // a guest paused by a full fleece is resumed once everything else is cleaned up (runs last)
+        yield* Effect.addFinalizer(() =>
+          Effect.zipRight(
+            Effect.sync(() => prepared.delete(job.vmid)),
+            disks.noSpace
+              ? exec(qmp, "Cleanup", "cont").pipe(
+                Effect.zipRight(job.log("info", "resumed the guest after the fleece ran out of space")),
+                Effect.catchAll((error) => job.log("warn", `unable to resume the guest: ${error.message}`))
+              )
+              : Effect.void
+          )
+        )
+        yield* Effect.promise(() => Fs.mkdir(options.fleeceDir, { recursive: true }))
+        for (const [i, device] of job.devices.entries()) {
+          const name = wanted[i]!
+          yield* Effect.acquireRelease(
+            command.run("qemu-img", ["create", "-q", "-f", "qcow2", name.file, String(device.size)]).pipe(
+              Effect.mapError((error) => engineError("Prepare", error.message))
+            ),
+            () => removeFile(name.file)
+          )
+          yield* Effect.acquireRelease(
+            exec(qmp, "Prepare", "blockdev-add", {
+              driver: "qcow2",
+              "node-name": name.node,
+              discard: "unmap",
+              file: { driver: "file", filename: name.file },
+              backing: disks.nodes[i]
+            }),
+            () => bestEffort(job, exec(qmp, "Cleanup", "blockdev-del", { "node-name": name.node }))
+          )
+        }
+        prepared.set(job.vmid, disks)
       })
 
     const start = (job: EngineJob) =>
       Effect.gen(function*() {
         const qmp = job.qmp
         const uuid = randomUUID()
+        if (job.devices.length === 0) {
+          // nothing to read: the archive holds the configs only
+          const now = Math.floor(Date.now() / 1000)
+          const done: BackupStatus = {
+            status: "done", total: 0, dirty: 0, transferred: 0, "zero-bytes": 0, reused: 0,
+            "start-time": now, "end-time": now, uuid, finishing: false
+          }
+          return { uuid, status: Effect.succeed(done), cancel: Effect.void } satisfies RunningBackup
+        }
         const startTime = Math.floor(Date.now() / 1000)
         const total = job.devices.reduce((sum, device) => sum + device.size, 0)
         const counters = { transferred: 0, zero: 0 }
@@ -205,40 +260,12 @@ export const make = (options: StockEngineOptions) =>
           }
         }
 
-        // guest paused by a full fleece: resume it once everything is cleaned up (runs last)
-        let noSpace = false
-        yield* Effect.addFinalizer(() =>
-          noSpace
-            ? exec(qmp, "Cleanup", "cont").pipe(
-              Effect.zipRight(job.log("info", "resumed the guest after the fleece ran out of space")),
-              Effect.catchAll((error) => job.log("warn", `unable to resume the guest: ${error.message}`))
-            )
-            : Effect.void
-        )
-
-        const nodes = yield* liveNodes(qmp, job.devices)
-        const perDisk = job.devices.map((device) => names(options, job.vmid, device.virtdev))
-        yield* Effect.promise(() => Fs.mkdir(options.fleeceDir, { recursive: true }))
-
-        for (const [i, device] of job.devices.entries()) {
-          const name = perDisk[i]!
-          yield* Effect.acquireRelease(
-            command.run("qemu-img", ["create", "-q", "-f", "qcow2", name.file, String(device.size)]).pipe(
-              Effect.mapError((error) => engineError("Start", error.message))
-            ),
-            () => removeFile(name.file)
-          )
-          yield* Effect.acquireRelease(
-            exec(qmp, "Start", "blockdev-add", {
-              driver: "qcow2",
-              "node-name": name.node,
-              discard: "unmap",
-              file: { driver: "file", filename: name.file },
-              backing: nodes[i]
-            }),
-            () => bestEffort(job, exec(qmp, "Cleanup", "blockdev-del", { "node-name": name.node }))
-          )
+        const disks = prepared.get(job.vmid)
+        if (disks === undefined) {
+          return yield* Effect.fail(engineError("Start", `VM ${job.vmid}: the engine was not prepared for this job`))
         }
+        const nodes = disks.nodes
+        const perDisk = disks.names
 
         // watch the whole backup for a full fleece (subscribed before the point in time)
         const events = yield* qmp.subscribe
@@ -248,7 +275,7 @@ export const make = (options: StockEngineOptions) =>
           Stream.runForEach((event) => {
             const data = event.data as { nospace?: boolean; reason?: string; "node-name"?: string } | undefined
             if (data?.nospace !== true) return Effect.void
-            noSpace = true
+            disks.noSpace = true
             const message = `fleece image ran out of space (${data.reason ?? "No space left on device"}) - ` +
               `put fleece images on storage with enough room`
             fail(message)

@@ -4,6 +4,7 @@
  *
  * @since 0.1.0
  */
+export * as ArchiveDestination from "./ArchiveDestination.js"
 export * as BackupEngine from "./BackupEngine.js"
 export * as BackupJob from "./BackupJob.js"
 export * as BackupReporter from "./BackupReporter.js"
@@ -11,7 +12,11 @@ export * as BackupStatus from "./BackupStatus.js"
 export * as BackupTarget from "./BackupTarget.js"
 export * as ConfigStore from "./ConfigStore.js"
 export * as HostCommand from "./HostCommand.js"
+export * as HostProcess from "./HostProcess.js"
 export * as Hypervisor from "./Hypervisor.js"
+export * as ProxmoxEngine from "./ProxmoxEngine.js"
+export * as ProxmoxHost from "./ProxmoxHost.js"
+export * as ProxmoxTarget from "./ProxmoxTarget.js"
 export * as QemuCommandLine from "./QemuCommandLine.js"
 export * as StandaloneHost from "./StandaloneHost.js"
 export * as StockEngine from "./StockEngine.js"

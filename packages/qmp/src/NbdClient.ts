@@ -1,7 +1,23 @@
 /**
  * NBD client for reading QEMU (or any NBD server's) exports over a Unix socket or TCP: fixed-newstyle
  * handshake with structured replies, meta contexts (`base:allocation`, `qemu:dirty-bitmap:NAME`) and
- * NBD_OPT_GO; pipelined reads and block status; an in-order chunk stream for backups.
+ * NBD_OPT_GO; pipelined reads and block status, optionally over several connections; an in-order
+ * chunk stream for backups.
+ *
+ * For a backup, read with {@link NbdClientService.stream} and call each Data chunk's `release` once
+ * the bytes are no longer referenced: the stream then reads into the same few buffers again. On a
+ * 1 GiB fleece export this halves the time and keeps the RSS flat (see `bench/engine.ts`):
+ *
+ * ```ts
+ * const nbd = yield* NbdClient.make({ path, exportName, maxInFlight: 4 })
+ * yield* nbd.stream({ chunkSize: 4 * 1024 * 1024, concurrency: 4 }).pipe(
+ *   Stream.runForEach((chunk) =>
+ *     chunk._tag === "Data"
+ *       ? Effect.zipRight(write(chunk.offset, chunk.data), Effect.sync(chunk.release)) // write keeps no view
+ *       : writeZeros(chunk.offset, chunk.length)
+ *   )
+ * )
+ * ```
  *
  * @since 0.1.0
  */
@@ -307,7 +323,11 @@ export interface StreamOptions {
   readonly length?: number
   /** Chunk size, a multiple of the minimum block size (default 4 MiB). */
   readonly chunkSize?: number
-  /** Reads in flight (default 8); memory stays near `concurrency × chunkSize`. */
+  /**
+   * Chunks read ahead (default 8): being read, or read and waiting for an earlier one, so chunks
+   * come out in order while replies may not. The stream holds at most `concurrency` chunk buffers
+   * (plus up to 4 released ones kept for reuse) besides those the consumer has not released.
+   */
   readonly concurrency?: number
   /** Skip reading chunks that `base:allocation` reports as zero (default true, when negotiated). */
   readonly useAllocation?: boolean
@@ -422,7 +442,11 @@ export interface NbdClientService {
     length: number,
     contexts?: ReadonlyArray<string>
   ) => Effect.Effect<ReadonlyMap<string, ReadonlyArray<Extent>>, NbdRequestFailure>
-  /** The export in order, chunk by chunk; zero chunks by block status are not read. */
+  /**
+   * The export in order, chunk by chunk; zero chunks by block status are not read. Requests are
+   * issued without a fiber each, chunks known without reading are emitted in batches, and Data
+   * chunks come from a small buffer pool (see {@link DataChunk}).
+   */
   readonly stream: (options?: StreamOptions) => Stream.Stream<ExportChunk, NbdRequestFailure>
 }
 

@@ -811,6 +811,8 @@ export const awaitEvent: {
           Effect.fail(new QmpClosedError({ reason: "EventStreamEnded", detail: `events ended before ${what}` })),
         onSome: Effect.succeed
       })),
+      // interruptible inside the timeout, so the timeout also fires for uninterruptible callers
+      Effect.interruptible,
       Effect.timeoutFail({
         duration,
         onTimeout: () => new QmpEventTimeoutError({ description: what, timeout: duration })

@@ -17,6 +17,7 @@ import {
   randomFile,
   run,
   sha256File,
+  spawnServer,
   storageDaemon,
   tempDir
 } from "./utils/nbdServers.js"
@@ -376,6 +377,14 @@ describe("NbdClient against nbdkit", () => {
       assert.isTrue(odd.equals(bytes.subarray(1001, 1001 + 3 * MiB + 17)))
       const result = yield* collect(client.stream({ chunkSize: MiB, useAllocation: false }))
       assert.isTrue(result.assembled.equals(bytes))
+      // a stream starting and ending off the 512-byte grid: aligned requests, exact chunks
+      for (const useAllocation of [false, true]) {
+        const part = yield* collect(
+          client.stream({ offset: 1001, length: 3 * MiB + 17, chunkSize: MiB, useAllocation }),
+          1001
+        )
+        assert.isTrue(part.assembled.equals(bytes.subarray(1001, 1001 + 3 * MiB + 17)))
+      }
       // chunk sizes must be multiples of the minimum block size
       const bad = yield* Effect.flip(Stream.runDrain(client.stream({ chunkSize: 1000 })))
       assert.strictEqual(bad._tag === "NbdRequestError" && bad.reason, "InvalidArgument")
@@ -583,5 +592,256 @@ describe("NbdClient failure handling", () => {
       const received = server.connections[0].received
       assert.strictEqual(received[received.length - 1], CMD_DISC)
       assert.strictEqual(received.filter((t) => t === CMD_READ).length, 64)
+    }), 20_000)
+})
+
+/** Hashes a stream chunk by chunk (zeros for Zero chunks), releasing each Data chunk `releases` times. */
+const hashStream = <E>(stream: Stream.Stream<NbdClient.ExportChunk, E>, releases: number, start = 0) =>
+  Effect.gen(function*() {
+    const hash = Crypto.createHash("sha256")
+    const buffers = new Set<ArrayBufferLike>()
+    const tags: Array<string> = []
+    let at = start
+    yield* Stream.runForEach(stream, (c) =>
+      Effect.sync(() => {
+        assert.strictEqual(c.offset, at, "chunks are contiguous and in order")
+        at += c.length
+        tags.push(c._tag)
+        if (c._tag === "Data") {
+          hash.update(c.data)
+          buffers.add(c.data.buffer)
+          for (let i = 0; i < releases; i++) c.release()
+        } else {
+          hash.update(Buffer.alloc(c.length))
+        }
+      }))
+    return { sha256: hash.digest("hex"), buffers: buffers.size, tags, end: at }
+  })
+
+/** A fully allocated raw image of random bytes. */
+const randomRaw = (dir: string, size: number) =>
+  Effect.gen(function*() {
+    const raw = yield* randomFile(Path.join(dir, "dense.raw"), size)
+    return { raw, sha256: yield* sha256File(raw) }
+  })
+
+describe("NbdClient with several connections and reused buffers", () => {
+  it.scopedLive.skipIf(!hasNbdkit)("connections: 4 spreads the reads over 4 connections; sha256 and order hold", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const socket = Path.join(dir, "kit.sock")
+      const img = yield* randomRaw(dir, SIZE)
+      const log = Path.join(dir, "kit.log")
+      yield* nbdkit(socket, ["--filter=log", "file", `file=${img.raw}`, `logfile=${log}`])
+      const client = yield* NbdClient.make({ path: socket, connections: 4, maxInFlight: 2 })
+      assert.strictEqual(client.info.connections, 4)
+      assert.strictEqual(client.info.size, SIZE)
+      const result = yield* hashStream(client.stream({ chunkSize: MiB, concurrency: 6, useAllocation: false }), 1)
+      assert.strictEqual(result.sha256, img.sha256)
+      assert.strictEqual(result.end, SIZE)
+      assert.deepStrictEqual(result.tags, Array.from({ length: 16 }, () => "Data"))
+
+      // every chunk was read exactly once, and all four connections served reads
+      const reads = Array.from(
+        Fs.readFileSync(log, "utf8").matchAll(/connection=(\d+) Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)/g),
+        (m) => ({ connection: Number(m[1]), offset: parseInt(m[2], 16), count: parseInt(m[3], 16) })
+      )
+      assert.deepStrictEqual(
+        reads.map((r) => r.offset).sort((a, b) => a - b),
+        Array.from({ length: 16 }, (_, i) => i * MiB)
+      )
+      assert.isTrue(reads.every((r) => r.count === MiB))
+      assert.strictEqual(new Set(reads.map((r) => r.connection)).size, 4)
+
+      // plain reads and block status go through the group as well
+      const odd = yield* client.readBuffer(MiB - 100, 2 * MiB + 300)
+      assert.isTrue(odd.equals(Fs.readFileSync(img.raw).subarray(MiB - 100, 3 * MiB + 200)))
+      assert.deepStrictEqual(yield* client.extents(0, SIZE), new Map([["base:allocation", [
+        { offset: 0, length: SIZE, flags: 0 }
+      ]]]))
+    }), TIMEOUT)
+
+  it.scopedLive.skipIf(!hasQemu)("qemu-nbd, 3 connections: the same chunks and bytes as one connection", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const img = yield* makeImage(dir)
+      const socket = Path.join(dir, "nbd.sock")
+      yield* qemuNbd({ image: img.image, format: "qcow2", socket, exportName: "disk0" })
+      const one = yield* NbdClient.make({ path: socket, exportName: "disk0" })
+      const three = yield* NbdClient.make({ path: socket, exportName: "disk0", connections: 3 })
+      assert.strictEqual(three.info.connections, 3)
+      assert.isTrue(three.info.canMultiConn, "qemu-nbd advertises multi-conn for read-only exports")
+      for (const options of [{ chunkSize: MiB, concurrency: 5 }, { chunkSize: 512 * 1024, useAllocation: false }]) {
+        const a = yield* hashStream(one.stream(options), 1)
+        const b = yield* hashStream(three.stream(options), 1)
+        assert.strictEqual(a.sha256, img.sha256)
+        assert.strictEqual(b.sha256, img.sha256)
+        assert.deepStrictEqual(b.tags, a.tags)
+      }
+      assert.deepStrictEqual(yield* three.extents(0, SIZE), yield* one.extents(0, SIZE))
+    }), TIMEOUT)
+
+  it.scopedLive.skipIf(!hasQemu)("released buffers are reused, holes in them read as zeros, double release is harmless", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const img = yield* makeImage(dir)
+      const socket = Path.join(dir, "nbd.sock")
+      yield* qemuNbd({ image: img.image, format: "qcow2", socket, exportName: "disk0" })
+      const client = yield* NbdClient.make({ path: socket, exportName: "disk0" })
+      // every chunk is read (no block status), so chunks with holes land in buffers that held data before
+      const options = { chunkSize: MiB, concurrency: 3, useAllocation: false }
+      const released = yield* hashStream(client.stream(options), 1)
+      assert.strictEqual(released.sha256, img.sha256)
+      const data = released.tags.filter((t) => t === "Data").length
+      assert.isAtLeast(data, 6)
+      assert.isBelow(released.buffers, data, "released buffers come back")
+      assert.isAtMost(released.buffers, 3 + 4 + 1)
+
+      // releasing twice must not hand one buffer to two reads: each chunk is checked against the image
+      // only when the next Data chunk has arrived, and released (twice) then
+      let previous: NbdClient.DataChunk | undefined
+      const check = (c: NbdClient.DataChunk) => {
+        assert.isTrue(Buffer.from(c.data).equals(img.bytes.subarray(c.offset, c.offset + c.length)), `chunk ${c.offset}`)
+        c.release()
+        c.release()
+      }
+      for (const concurrency of [2, 4]) {
+        yield* Stream.runForEach(client.stream({ ...options, concurrency }), (c) =>
+          Effect.sync(() => {
+            if (c._tag !== "Data") return
+            if (previous !== undefined) check(previous)
+            previous = c
+          }))
+        check(previous!)
+        previous = undefined
+      }
+
+      // without release every Data chunk keeps its own bytes, even after the stream has ended
+      const kept = yield* collect(client.stream(options))
+      assert.strictEqual(kept.sha256, img.sha256)
+      const buffers = new Set(kept.chunks.flatMap((c) => c._tag === "Data" ? [c.data.buffer] : []))
+      assert.strictEqual(buffers.size, data)
+    }), TIMEOUT)
+
+  it.scopedLive.skipIf(!hasQemu)("a stream ended early abandons its reads; the connection stays in sync", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const img = yield* randomRaw(dir, SIZE)
+      const socket = Path.join(dir, "nbd.sock")
+      yield* qemuNbd({ image: img.raw, format: "raw", socket, exportName: "d" })
+      const bytes = Fs.readFileSync(img.raw)
+      for (const connections of [1, 2]) {
+        const client = yield* NbdClient.make({ path: socket, exportName: "d", connections })
+        for (let round = 0; round < 3; round++) {
+          const first = yield* client.stream({ chunkSize: 256 * 1024, concurrency: 16 }).pipe(
+            Stream.take(2),
+            Stream.runCollect,
+            Effect.map(Chunk.toReadonlyArray)
+          )
+          assert.deepStrictEqual(first.map((c) => c.offset), [0, 256 * 1024])
+          const c0 = first[0]
+          assert.isTrue(c0._tag === "Data" && Buffer.from(c0.data).equals(bytes.subarray(0, 256 * 1024)))
+          // replies to the abandoned reads arrive now; later requests must still match their own replies
+          const again = yield* client.readBuffer(5 * MiB + 7, 3 * MiB)
+          assert.isTrue(again.equals(bytes.subarray(5 * MiB + 7, 8 * MiB + 7)))
+        }
+        const full = yield* hashStream(client.stream({ chunkSize: 2 * MiB, concurrency: 4 }), 1)
+        assert.strictEqual(full.sha256, img.sha256)
+      }
+    }), TIMEOUT)
+
+  it.scopedLive.skipIf(!hasQemu)("every connection must be accepted: qemu-nbd --shared=1 times out", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const img = yield* randomRaw(dir, MiB)
+      const socket = Path.join(dir, "one.sock")
+      yield* spawnServer(
+        "qemu-nbd",
+        ["--persistent", "--shared=1", `--socket=${socket}`, "--format=raw", "--read-only", img.raw],
+        socket
+      )
+      const error = yield* Effect.flip(
+        Effect.scoped(NbdClient.make({ path: socket, connections: 2, connectTimeout: "1 second" }))
+      )
+      assert.strictEqual(error._tag === "NbdConnectError" && error.reason, "Timeout")
+      const invalid = yield* Effect.flip(Effect.scoped(NbdClient.make({ path: socket, connections: 0 })))
+      assert.strictEqual(invalid._tag === "NbdRequestError" && invalid.reason, "InvalidArgument")
+      // one connection still works once the others are gone
+      const client = yield* NbdClient.make({ path: socket })
+      assert.strictEqual(client.info.size, MiB)
+    }), TIMEOUT)
+
+  it.scopedLive("a slow chunk holds the window: at most `concurrency` chunks from the oldest unconsumed one", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const socket = Path.join(dir, "fake.sock")
+      const size = 4 * MiB
+      const chunkSize = 128 * 1024
+      const concurrency = 5
+      const slow = 1
+      let maxWhileHeld = -1
+      let held = true
+      type Conn = { socket: Net.Socket; outstanding: Array<{ cookie: Buffer; offset: number; length: number }> }
+      const answer = (conn: Conn, r: { cookie: Buffer; offset: number; length: number }) => {
+        conn.outstanding.splice(conn.outstanding.indexOf(r), 1)
+        conn.socket.write(chunk(r.cookie, 1, 1, offsetData(r.offset, fakeContent(r.offset, r.length))))
+      }
+      yield* fakeServer(socket, {
+        size,
+        scenario: (req, conn) => {
+          if (held) maxWhileHeld = Math.max(maxWhileHeld, req.offset / chunkSize)
+          if (req.offset !== slow * chunkSize) return answer(conn, req)
+          // chunk 1 is answered after a pause, every other one at once
+          setTimeout(() => {
+            held = false
+            answer(conn, req)
+          }, 300)
+        }
+      })
+      const client = yield* NbdClient.make({ path: socket, connections: 2 })
+      // a slow consumer: the stream is pulled again while chunk 1 is missing and later ones have arrived
+      const result = yield* hashStream(
+        client.stream({ chunkSize, concurrency, useAllocation: false }).pipe(Stream.tap(() => Effect.sleep("20 millis"))),
+        1
+      ).pipe(Effect.timeoutFail({ duration: "10 seconds", onTimeout: () => new Error("stalled") }))
+      assert.strictEqual(result.sha256, Crypto.createHash("sha256").update(fakeContent(0, size)).digest("hex"))
+      // chunk 0 is consumed, chunk 1 waits: chunks 1 .. 1 + concurrency - 1 may be read, no further
+      assert.strictEqual(maxWhileHeld, slow + concurrency - 1)
+    }), 20_000)
+
+  it.scopedLive("the stream keeps at most `concurrency` reads outstanding over all connections", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const socket = Path.join(dir, "fake.sock")
+      const size = 4 * MiB
+      const concurrency = 6
+      const chunkSize = 128 * 1024
+      let maxOutstanding = 0
+      let answered = 0
+      const server = yield* fakeServer(socket, {
+        size,
+        scenario: () => {
+          const all = server.connections
+          const outstanding = all.reduce((n, c) => n + c.outstanding.length, 0)
+          maxOutstanding = Math.max(maxOutstanding, outstanding)
+          // answer only when the window is full (or the rest of the export is requested), newest first
+          if (outstanding < Math.min(concurrency, size / chunkSize - answered)) return
+          const batch = all.flatMap((c) => c.outstanding.splice(0).map((r) => ({ r, c }))).reverse()
+          for (const { c, r } of batch) {
+            answered++
+            c.socket.write(chunk(r.cookie, 1, 1, offsetData(r.offset, fakeContent(r.offset, r.length))))
+          }
+        }
+      })
+      const client = yield* NbdClient.make({ path: socket, connections: 2, maxInFlight: 16 })
+      const result = yield* hashStream(
+        client.stream({ chunkSize, concurrency, useAllocation: false }),
+        1
+      ).pipe(Effect.timeoutFail({ duration: "10 seconds", onTimeout: () => new Error("stalled") }))
+      assert.strictEqual(result.end, size)
+      assert.strictEqual(result.sha256, Crypto.createHash("sha256").update(fakeContent(0, size)).digest("hex"))
+      assert.strictEqual(maxOutstanding, concurrency)
+      assert.strictEqual(server.connections.length, 2)
+      assert.isTrue(server.connections.every((c) => c.received.includes(CMD_READ)), "both connections read")
     }), 20_000)
 })

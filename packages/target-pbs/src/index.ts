@@ -38,3 +38,11 @@ export * as PbsRestore from "./PbsRestore.js"
  * @since 0.1.0
  */
 export * as PbsSnapshotWriter from "./PbsSnapshotWriter.js"
+/**
+ * @since 0.1.0
+ */
+export * as PbsTarget from "./PbsTarget.js"
+/**
+ * @since 0.1.0
+ */
+export * as PbsVmRestore from "./PbsVmRestore.js"

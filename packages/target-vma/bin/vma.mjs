@@ -8,6 +8,9 @@
 import * as fs from "node:fs"
 import { fileURLToPath } from "node:url"
 
+// Reads and writes of pipes to compressors block libuv pool threads: allow more than the default four.
+process.env.UV_THREADPOOL_SIZE ??= "8"
+
 const src = fileURLToPath(new URL("../src/", import.meta.url))
 const build = fileURLToPath(new URL("../build/src/", import.meta.url))
 

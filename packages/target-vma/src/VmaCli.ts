@@ -126,7 +126,13 @@ const usage = (cli: CliIo, problem?: string) =>
     Effect.as(cli.stdout(HELP), 1)
   )
 
-const parse = (cli: CliIo, args: ReadonlyArray<string>, short: string, operands: number, long?: ReadonlyArray<string>) =>
+const parse = (
+  cli: CliIo,
+  args: ReadonlyArray<string>,
+  short: string,
+  operands: number,
+  long?: ReadonlyArray<string>
+) =>
   Effect.suspend(() => {
     const parsed = getopt(args, short, long)
     if (typeof parsed === "string") return Effect.flatMap(usage(cli, parsed), (code) => failWith("", code))
@@ -151,7 +157,9 @@ const openArchive = (file: string) =>
         ? new CliError({ message: `can't open file ${file} - ${e.detail}`, code: 1 })
         : new CliError({ message: e.message, code: 1 })
     ),
-    Effect.flatMap((input) => Effect.mapError(VmaReader.open(input), (e) => new CliError({ message: e.message, code: 1 })))
+    Effect.flatMap((input) =>
+      Effect.mapError(VmaReader.open(input), (e) => new CliError({ message: e.message, code: 1 }))
+    )
   )
 
 const content = (header: VmaReader.VmaHeader): string => {
@@ -189,7 +197,8 @@ const progressPrinter = (cli: CliIo) => {
 const summary = (stats: VmaReader.VmaReadStats): string => {
   if (stats.clusters === 0) return "vma archive contains no image data\n"
   const total = stats.clusters * 65536
-  let out = `total bytes read ${total}, sparse bytes ${stats.zeroBytes} (${formatG((100 * stats.zeroBytes) / total)}%)\n`
+  const sparse = formatG((100 * stats.zeroBytes) / total)
+  let out = `total bytes read ${total}, sparse bytes ${stats.zeroBytes} (${sparse}%)\n`
   const data = total - stats.zeroBytes
   if (data !== 0) out += `space reduction due to 4K zero blocks ${formatG((100 * stats.partialZeroBytes) / data)}%\n`
   return out

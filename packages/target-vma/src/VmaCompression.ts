@@ -129,7 +129,11 @@ export const temporaryPath = (path: string): string => {
 export const compressorCommand = (compression: Compression): Command => {
   switch (compression.format) {
     case "zstd": {
-      const threads = compression.threads === undefined ? 1 : compression.threads === 0 ? halfCpus() : compression.threads
+      const threads = compression.threads === undefined
+        ? 1
+        : compression.threads === 0
+        ? halfCpus()
+        : compression.threads
       const level = compression.level === undefined
         ? []
         : compression.level > 19

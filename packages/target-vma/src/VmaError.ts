@@ -277,7 +277,12 @@ export class VmaClusterOutOfRange extends Schema.TaggedError<VmaClusterOutOfRang
  */
 export class VmaDuplicateCluster extends Schema.TaggedError<VmaDuplicateCluster>(
   "@vzdump/target-vma/VmaDuplicateCluster"
-)("VmaDuplicateCluster", { offset: Schema.Number, devId: Schema.Number, device: Schema.String, cluster: Schema.Number }) {
+)("VmaDuplicateCluster", {
+  offset: Schema.Number,
+  devId: Schema.Number,
+  device: Schema.String,
+  cluster: Schema.Number
+}) {
   override get message(): string {
     return `found duplicated cluster ${this.cluster} for stream ${this.device} (extent ${at(this.offset)})`
   }

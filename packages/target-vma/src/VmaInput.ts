@@ -269,7 +269,9 @@ export const fromStream = <E, R>(
   Effect.gen(function*() {
     const context = yield* Effect.context<R>()
     const pull = Effect.provide(yield* Stream.toPull(stream), context)
-    const queue: Array<Uint8Array> = []
+    // Pending chunks from `head` on; consumed entries are dropped in batches.
+    let queue: Array<Uint8Array> = []
+    let head = 0
     let buffered = 0
     let ended = false
     const fill = (size: number): Effect.Effect<void, E> =>
@@ -278,6 +280,10 @@ export const fromStream = <E, R>(
           ? Effect.void
           : pull.pipe(
             Effect.map((chunk) => {
+              if (head > 1024 && head * 2 > queue.length) {
+                queue = queue.slice(head)
+                head = 0
+              }
               for (const c of chunk) {
                 if (c.length > 0) {
                   queue.push(c)
@@ -298,21 +304,21 @@ export const fromStream = <E, R>(
     const take = (size: number): Uint8Array => {
       const n = Math.min(size, buffered)
       buffered -= n
-      const first = queue[0]
+      const first = queue[head]
       if (first !== undefined && first.length >= n) {
-        if (first.length === n) queue.shift()
-        else queue[0] = first.subarray(n)
+        if (first.length === n) head++
+        else queue[head] = first.subarray(n)
         return first.subarray(0, n)
       }
       const out = Buffer.allocUnsafe(n)
       let at = 0
       while (at < n) {
-        const c = queue[0]!
+        const c = queue[head]!
         const k = Math.min(c.length, n - at)
         out.set(c.subarray(0, k), at)
         at += k
-        if (k === c.length) queue.shift()
-        else queue[0] = c.subarray(k)
+        if (k === c.length) head++
+        else queue[head] = c.subarray(k)
       }
       return out
     }

@@ -70,7 +70,10 @@ const viaChild = (
 ): Effect.Effect<VmaOutput, VmaOutputError, Scope.Scope> =>
   Effect.gen(function*() {
     const pipe = yield* io.makePipe
-    const child = yield* Effect.acquireRelease(io.spawnChild(command, args, [pipe.readFd, stdout, "pipe"]), (c) => c.kill)
+    const child = yield* Effect.acquireRelease(
+      io.spawnChild(command, args, [pipe.readFd, stdout, "pipe"]),
+      (c) => c.kill
+    )
     yield* pipe.closeRead
     const failed = failedChild(child)
     return {

@@ -213,6 +213,11 @@ export const open = <E>(input: VmaInput<E>): Effect.Effect<VmaArchive<E>, VmaFor
         }
         const parsed = F.parseExtentHeader(head, uuid, offset)
         if (!("slots" in parsed)) return yield* Effect.fail(parsed)
+        if (parsed.maskBlocks !== parsed.blockCount) {
+          return yield* Effect.fail(
+            new Err.VmaBlockCountMismatch({ offset, blockCount: parsed.blockCount, maskBlocks: parsed.maskBlocks })
+          )
+        }
         const dataLength = parsed.blockCount * F.BLOCK_SIZE
         const data = dataLength === 0
           ? new Uint8Array(0)
@@ -227,11 +232,6 @@ export const open = <E>(input: VmaInput<E>): Effect.Effect<VmaArchive<E>, VmaFor
               expected: F.EXTENT_HEADER_SIZE + dataLength,
               actual: F.EXTENT_HEADER_SIZE + data.length
             })
-          )
-        }
-        if (parsed.maskBlocks !== parsed.blockCount) {
-          return yield* Effect.fail(
-            new Err.VmaBlockCountMismatch({ offset, blockCount: parsed.blockCount, maskBlocks: parsed.maskBlocks })
           )
         }
         const clusters: Array<VmaCluster> = []
@@ -265,13 +265,20 @@ export const open = <E>(input: VmaInput<E>): Effect.Effect<VmaArchive<E>, VmaFor
             for (let j = 0; j < F.BLOCKS_PER_CLUSTER; j++) {
               if ((slot.mask & (1 << j)) !== 0 && base + j * F.BLOCK_SIZE >= dev.size) {
                 return yield* Effect.fail(
-                  new Err.VmaWriteBeyondEnd({ offset, devId: dev.id, device: dev.name, cluster: slot.cluster, block: j })
+                  new Err.VmaWriteBeyondEnd({
+                    offset,
+                    devId: dev.id,
+                    device: dev.name,
+                    cluster: slot.cluster,
+                    block: j
+                  })
                 )
               }
             }
           }
           const length = F.popcount16(slot.mask) * F.BLOCK_SIZE
-          clusters.push({ device: dev.id, cluster: slot.cluster, mask: slot.mask, data: data.subarray(at, at + length) })
+          const blocks = data.subarray(at, at + length)
+          clusters.push({ device: dev.id, cluster: slot.cluster, mask: slot.mask, data: blocks })
           at += length
           stats.clusters++
           countZeros(state, slot.cluster, slot.mask)
@@ -401,7 +408,9 @@ const writeExtent = (extent: VmaExtent, targets: ReadonlyMap<number, Target>): E
       }
       const parts = run.parts
       const last = parts[parts.length - 1]
-      if (last !== undefined && last.buffer === bytes.buffer && last.byteOffset + last.byteLength === bytes.byteOffset) {
+      const adjacent = last !== undefined && last.buffer === bytes.buffer &&
+        last.byteOffset + last.byteLength === bytes.byteOffset
+      if (adjacent) {
         parts[parts.length - 1] = new Uint8Array(last.buffer, last.byteOffset, last.byteLength + bytes.byteLength)
       } else {
         parts.push(bytes)
@@ -470,7 +479,6 @@ export const extract = <E, R = never>(
         (fd) => targets.has(device.id) ? io.closeQuietly(fd) : Effect.void
       )
       targets.set(device.id, { device, fd, temporary, final: path.join(dir, `disk-${device.name}.raw`) })
-      yield* io.ftruncate(fd, device.size, temporary)
       if (options.onDevice !== undefined) yield* options.onDevice(device, temporary)
     }
     // Two buffers: the next extent is read while the current one is written.
@@ -487,6 +495,9 @@ export const extract = <E, R = never>(
     const disks: Array<{ device: VmaDevice; path: string }> = []
     for (const target of targets.values()) {
       targets.delete(target.device.id)
+      // The size is set at the end: on ext4, writing into a file already truncated to its full (sparse) size
+      // is several times slower than extending it.
+      yield* io.ftruncate(target.fd, target.device.size, target.temporary)
       yield* io.close(target.fd, target.temporary)
       yield* io.rename(target.temporary, target.final)
       disks.push({ device: target.device, path: target.final })

@@ -23,10 +23,18 @@ export const tempDir = Effect.acquireRelease(
 
 export const sha256 = (bytes: Uint8Array): string => createHash("sha256").update(bytes).digest("hex")
 
+const hashBuffer = Buffer.allocUnsafe(16 << 20)
+
 export const sha256File = (file: string): Effect.Effect<string> =>
-  Effect.promise(async () => {
+  Effect.sync(() => {
     const hash = createHash("sha256")
-    for await (const chunk of fs.createReadStream(file, { highWaterMark: 4 << 20 })) hash.update(chunk as Buffer)
+    const fd = fs.openSync(file, "r")
+    try {
+      let n: number
+      while ((n = fs.readSync(fd, hashBuffer, 0, hashBuffer.length, null)) > 0) hash.update(hashBuffer.subarray(0, n))
+    } finally {
+      fs.closeSync(fd)
+    }
     return hash.digest("hex")
   })
 
@@ -74,7 +82,8 @@ export const openBytes = (bytes: Uint8Array, chunk = 100_000) =>
     VmaReader.open
   )
 
-export const verifyBytes = (bytes: Uint8Array) => Effect.scoped(Effect.flatMap(openBytes(bytes), (a) => VmaReader.verify(a)))
+export const verifyBytes = (bytes: Uint8Array) =>
+  Effect.scoped(Effect.flatMap(openBytes(bytes), (a) => VmaReader.verify(a)))
 
 /** Byte offsets of the extents of a well-formed archive. */
 export const extentOffsets = (bytes: Uint8Array): Array<number> => {
@@ -131,13 +140,14 @@ export const bin = (args: ReadonlyArray<string>, options: { readonly stdin?: str
       const child = spawn(process.execPath, [binPath, ...args], { stdio: [stdin, "pipe", "pipe"] })
       const out: Array<Buffer> = []
       const err: Array<Buffer> = []
-      child.stdout.on("data", (d: Buffer) => out.push(d))
-      child.stderr.on("data", (d: Buffer) => err.push(d))
+      child.stdout!.on("data", (d: Buffer) => out.push(d))
+      child.stderr!.on("data", (d: Buffer) => err.push(d))
       child.on("error", reject)
       child.on("close", (code) => {
         if (typeof stdin === "number") fs.closeSync(stdin)
         const stdoutBytes = Buffer.concat(out)
-        resolve({ code: code ?? -1, stdout: stdoutBytes.toString(), stderr: Buffer.concat(err).toString(), stdoutBytes })
+        const stderr = Buffer.concat(err).toString()
+        resolve({ code: code ?? -1, stdout: stdoutBytes.toString(), stderr, stdoutBytes })
       })
     })
   )

@@ -1,7 +1,8 @@
 /**
  * A kernel pipe for Node, which cannot call pipe(2): a FIFO made with `mkfifo` (through
- * `HostCommand`) in a private temporary directory, both ends opened in blocking mode. Both descriptors are close-on-exec (libuv opens with `O_CLOEXEC`), so
- * only the children they are handed to explicitly hold them.
+ * `HostCommand`) in a private temporary directory, both ends opened in blocking mode. Both
+ * descriptors are close-on-exec (libuv opens with `O_CLOEXEC`), so only the children they are
+ * handed to explicitly hold them.
  */
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"

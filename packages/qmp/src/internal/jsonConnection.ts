@@ -227,7 +227,12 @@ export const start = <E>(
         }),
         ({ id, reply }) => Effect.zipRight(send(request.encode(id), request.fds), Deferred.await(reply)),
         ({ id }) => Effect.sync(() => pending.delete(id))
-      ).pipe(Effect.timeoutFail({ duration: request.timeout, onTimeout: request.onTimeout }))
+      ).pipe(
+        // interruptible inside the timeout, so the timeout also fires for callers that are not (a
+        // finalizer, an acquireRelease acquire): the timed-out wait runs in the timeout's own fiber
+        Effect.interruptible,
+        Effect.timeoutFail({ duration: request.timeout, onTimeout: request.onTimeout })
+      )
 
     const settle = (
       key: number,

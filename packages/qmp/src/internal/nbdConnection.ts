@@ -31,14 +31,22 @@ const DIRECT_READ_MIN = 32 * 1024
 /** Largest length of one NBD_CMD_BLOCK_STATUS request. */
 const MAX_STATUS_REQUEST = 0x80000000
 
-type Resume = (effect: Effect.Effect<any, NbdRequestFailure>) => void
+/**
+ * Completion callback of a request: `(failure)` or `(undefined, value)` with a `ReadResult` (read),
+ * extents per context (block status) or `undefined`. Called at most once, never synchronously from
+ * {@link Connection.request}'s caller stack unless the connection is already closed.
+ */
+export type Done = (failure: NbdRequestFailure | undefined, value?: unknown) => void
 
-interface Pending {
-  readonly cookie: number
+/** A request: queued (waiting for an in-flight slot) or sent (waiting for its reply). */
+export interface Pending {
+  readonly owner: Connection
+  cookie: number
   readonly command: number
   readonly offset: number
   readonly length: number
-  resume: Resume | undefined
+  done: Done | undefined
+  sent: boolean
   buffer: Buffer | undefined
   pieces: Array<ReadPiece>
   extents: Map<string, Array<Extent>> | undefined
@@ -85,10 +93,12 @@ export class Connection {
 
   // transmission state
   private readonly pending = new Map<number, Pending>()
+  private readonly queue: Array<Pending> = []
+  private readonly maxInFlight: number
+  private corked = false
   private nextCookie = 1
   structured = false
   contexts = new Map<number, string>()
-  readonly permits: Effect.Semaphore
 
   // receive buffers
   private readonly readBuffer = Buffer.allocUnsafe(READ_BUFFER_SIZE)
@@ -109,7 +119,7 @@ export class Connection {
 
   constructor(options: ConnectionOptions) {
     this.address = options.address
-    this.permits = Effect.unsafeMakeSemaphore(options.maxInFlight)
+    this.maxInFlight = Math.max(1, options.maxInFlight)
     // Zero-copy receive: Node asks `buffer()` for the memory of the next socket read. While a large
     // data payload is expected, that is the unfilled part of the request's result buffer itself, so
     // the kernel writes the bytes where they belong; headers and small payloads go through one
@@ -181,13 +191,14 @@ export class Connection {
   /** Fails every pending request and the handshake reader; optionally destroys the socket. */
   private failAll(error: NbdProtocolError | NbdClosedError, destroy: boolean): void {
     if (this.fatal === undefined) this.fatal = error
-    const failure = Effect.fail(this.fatal)
-    const pending = Array.from(this.pending.values())
+    const failure = this.fatal
+    const pending = [...this.pending.values(), ...this.queue]
     this.pending.clear()
+    this.queue.length = 0
     for (const p of pending) {
-      const resume = p.resume
-      p.resume = undefined
-      resume?.(failure)
+      const done = p.done
+      p.done = undefined
+      done?.(failure)
     }
     const hsWaiter = this.hsWaiter
     if (hsWaiter !== undefined && hsWaiter()) this.hsWaiter = undefined
@@ -436,53 +447,97 @@ export class Connection {
   minBlock = 1
   maxRequest: number = P.DEFAULT_MAX_BLOCK
 
-  /** Requests sent and not yet answered. */
-  get inFlight(): number {
-    return this.pending.size
+  /** Requests sent and not yet answered, plus those queued behind `maxInFlight`. */
+  get load(): number {
+    return this.pending.size + this.queue.length
   }
 
-  private submit<A>(
-    command: number,
-    offset: number,
-    length: number,
-    buffer: Buffer | undefined
-  ): Effect.Effect<A, NbdRequestFailure> {
-    return Effect.async<A, NbdRequestFailure>((resume) => {
-      if (this.fatal !== undefined) return resume(Effect.fail(this.fatal))
-      if (this.clientClosing || this.phase !== PHASE_TRANSMISSION) {
-        return resume(Effect.fail(new NbdClosedError({ reason: "ClientClosed", pending: 0 })))
-      }
-      let cookie = this.nextCookie
-      while (this.pending.has(cookie)) cookie = cookie >= 0xffffffff ? 1 : cookie + 1
-      this.nextCookie = cookie >= 0xffffffff ? 1 : cookie + 1
-      const entry: Pending = {
-        cookie,
-        command,
-        offset,
-        length,
-        resume: resume as Resume,
-        buffer,
-        pieces: [],
-        extents: undefined,
-        error: undefined
-      }
-      this.pending.set(cookie, entry)
-      this.socket.write(P.encodeRequest(command, 0, cookie, offset, length))
-      // interruption abandons the wait; the reply is still parsed and dropped
-      return Effect.sync(() => {
-        entry.resume = undefined
+  /**
+   * Starts a request without an effect: sent at once while fewer than `maxInFlight` are in flight,
+   * otherwise queued in order. With `buffer` (exactly `length` bytes) read data lands there; ranges
+   * the server reports as holes are left untouched. `done` runs once (synchronously only when the
+   * connection is already unusable). The caller must not reuse `buffer` after {@link cancel}: a late
+   * reply may still be written into it.
+   */
+  request(command: number, offset: number, length: number, buffer: Buffer | undefined, done: Done): Pending {
+    const entry: Pending = {
+      owner: this,
+      cookie: 0,
+      command,
+      offset,
+      length,
+      done,
+      sent: false,
+      buffer,
+      pieces: [],
+      extents: undefined,
+      error: undefined
+    }
+    if (this.fatal !== undefined) {
+      entry.done = undefined
+      done(this.fatal)
+    } else if (this.clientClosing || this.phase !== PHASE_TRANSMISSION) {
+      entry.done = undefined
+      done(new NbdClosedError({ reason: "ClientClosed", pending: 0 }))
+    } else if (this.pending.size < this.maxInFlight) {
+      this.send(entry)
+    } else {
+      this.queue.push(entry)
+    }
+    return entry
+  }
+
+  /** Abandons a request: a queued one is never sent; a sent one's reply is parsed and dropped. */
+  cancel(entry: Pending): void {
+    entry.done = undefined
+    if (!entry.sent) {
+      const i = this.queue.indexOf(entry)
+      if (i >= 0) this.queue.splice(i, 1)
+    }
+  }
+
+  private send(entry: Pending): void {
+    let cookie = this.nextCookie
+    while (this.pending.has(cookie)) cookie = cookie >= 0xffffffff ? 1 : cookie + 1
+    this.nextCookie = cookie >= 0xffffffff ? 1 : cookie + 1
+    entry.cookie = cookie
+    entry.sent = true
+    this.pending.set(cookie, entry)
+    // requests issued in one turn of the event loop leave in one write
+    if (!this.corked) {
+      this.corked = true
+      this.socket.cork()
+      process.nextTick(() => {
+        this.corked = false
+        this.socket.uncork()
       })
+    }
+    this.socket.write(P.encodeRequest(entry.command, 0, cookie, entry.offset, entry.length))
+  }
+
+  /** Sends queued requests while there is room. */
+  private pump(): void {
+    while (this.queue.length > 0 && this.pending.size < this.maxInFlight && this.fatal === undefined) {
+      this.send(this.queue.shift()!)
+    }
+  }
+
+  private effect<A>(command: number, offset: number, length: number, buffer: Buffer | undefined) {
+    return Effect.async<A, NbdRequestFailure>((resume) => {
+      const entry = this.request(command, offset, length, buffer, (failure, value) => {
+        resume(failure === undefined ? Effect.succeed(value as A) : Effect.fail(failure))
+      })
+      // interruption abandons the wait; a sent request's reply is still parsed and dropped
+      return Effect.sync(() => this.cancel(entry))
     })
   }
 
   /**
-   * One NBD_CMD_READ (the range must respect the block size limits). With `buffer` (exactly `length`
-   * bytes) the data lands there; otherwise a buffer is allocated when the first data arrives. Ranges
-   * the server reports as holes are left untouched in the buffer. If the wait is interrupted, the
-   * reply is still written into `buffer` when it arrives: the caller must not reuse it then.
+   * One NBD_CMD_READ (the range must respect the block size limits); see {@link request} for
+   * `buffer`.
    */
   readOnce(offset: number, length: number, buffer?: Buffer): Effect.Effect<ReadResult, NbdRequestFailure> {
-    return this.permits.withPermits(1)(this.submit<ReadResult>(P.CMD_READ, offset, length, buffer))
+    return this.effect<ReadResult>(P.CMD_READ, offset, length, buffer)
   }
 
   /** One NBD_CMD_BLOCK_STATUS; extents per context name, starting at `offset`. */
@@ -490,9 +545,7 @@ export class Connection {
     offset: number,
     length: number
   ): Effect.Effect<Map<string, Array<Extent>>, NbdRequestFailure> {
-    return this.permits.withPermits(1)(
-      this.submit<Map<string, Array<Extent>>>(P.CMD_BLOCK_STATUS, offset, length, undefined)
-    )
+    return this.effect<Map<string, Array<Extent>>>(P.CMD_BLOCK_STATUS, offset, length, undefined)
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -763,10 +816,11 @@ export class Connection {
   private complete(p: Pending): boolean {
     this.pending.delete(p.cookie)
     this.expectMagic()
-    const resume = p.resume
-    p.resume = undefined
+    const done = p.done
+    p.done = undefined
     if (p.error !== undefined) {
-      resume?.(Effect.fail(p.error))
+      this.pump()
+      done?.(p.error)
       return true
     }
     if (p.command === P.CMD_READ) {
@@ -787,20 +841,18 @@ export class Connection {
       }
       if (problem !== undefined) {
         const error = protocolError("Transmission", problem)
-        resume?.(Effect.fail(error))
+        done?.(error)
         this.failAll(error, true)
         return false
       }
       const result: ReadResult = { offset: p.offset, length: p.length, pieces }
       if (p.buffer !== undefined) backing.set(result, p.buffer)
-      resume?.(Effect.succeed(result))
+      this.pump()
+      done?.(undefined, result)
       return true
     }
-    if (p.command === P.CMD_BLOCK_STATUS) {
-      resume?.(Effect.succeed(p.extents ?? new Map()))
-      return true
-    }
-    resume?.(Effect.void)
+    this.pump()
+    done?.(undefined, p.command === P.CMD_BLOCK_STATUS ? (p.extents ?? new Map()) : undefined)
     return true
   }
 }
@@ -814,6 +866,8 @@ export interface Link {
   readonly minBlock: number
   readonly maxRequest: number
   readonly contexts: ReadonlyMap<number, string>
+  /** Callback-level request (no fiber per request), see {@link Connection.request}. */
+  readonly request: (command: number, offset: number, length: number, buffer: Buffer | undefined, done: Done) => Pending
   readonly readOnce: (offset: number, length: number, buffer?: Buffer) => Effect.Effect<ReadResult, NbdRequestFailure>
   readonly blockStatusOnce: (
     offset: number,

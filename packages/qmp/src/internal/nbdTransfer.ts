@@ -9,7 +9,8 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Stream from "effect/Stream"
 import type { ExportChunk, Extent, ReadPiece, ReadResult, StreamOptions } from "../NbdClient.js"
-import { backing, checkRange, type Link, MAX_STATUS_REQUEST } from "./nbdConnection.js"
+import { backing, checkRange, type Link, MAX_STATUS_REQUEST, type Pending } from "./nbdConnection.js"
+import { CMD_READ } from "./nbdProtocol.js"
 import { NbdProtocolError, NbdRequestError } from "./nbdErrors.js"
 import type { NbdRequestFailure } from "./nbdErrors.js"
 
@@ -228,25 +229,15 @@ const planWindow = (
 
 const noRelease = (): void => {}
 
-const toChunk = (result: ReadResult): ExportChunk =>
-  result.pieces.some((p) => "data" in p)
-    ? {
-      _tag: "Data",
-      offset: result.offset,
-      length: result.length,
-      data: toBuffer(result),
-      pieces: result.pieces,
-      release: noRelease
-    }
-    : { _tag: "Zero", offset: result.offset, length: result.length }
-
 /** Free buffers beyond `concurrency` that a stream keeps for reuse. */
 const POOL_SPARE = 4
+/** Chunks known without reading (Zero, Clean) that may wait in the window beside the reads. */
+const MAX_KNOWN_AHEAD = 1024
 
 /**
  * Chunk buffers of one stream. `take` reuses a released buffer or allocates one; `give` keeps at most
  * `capacity` free buffers and leaves the rest to the garbage collector. It never waits: a consumer
- * that does not release only loses the reuse. Reusing matters: a fresh multi-MiB buffer costs page
+ * that does not release only loses the reuse. Reuse matters: a fresh multi-MiB buffer costs page
  * faults on first touch and external-memory GC pressure, which halves throughput and lets RSS grow by
  * hundreds of MiB before the collector catches up.
  */
@@ -261,72 +252,234 @@ class BufferPool {
   }
 }
 
+/** One chunk of the stream's window: known at once (Zero, Clean) or being read. */
+interface Slot {
+  readonly offset: number
+  readonly length: number
+  /** Being read (counts against the window's `concurrency`), as opposed to known at once. */
+  readonly read: boolean
+  /** The result once known. */
+  chunk: ExportChunk | undefined
+  error: NbdRequestFailure | undefined
+  /** Aligned range actually read (differs from the chunk only at unaligned stream bounds). */
+  readStart: number
+  buffer: Buffer | undefined
+  /** Pooled buffer behind `buffer`, or undefined when it was allocated for this chunk only. */
+  pooled: Buffer | undefined
+  requests: Array<Pending>
+  remaining: number
+  pieces: Array<ReadPiece>
+}
+
 /**
- * Reads one chunk into a pooled buffer (`offset` and `length` aligned to the minimum block size, or
- * `length` ending at the export end). All-hole replies give the buffer back at once and become Zero
- * chunks; a Data chunk's `release` gives it back. On failure or interruption the buffer is dropped,
- * not pooled: a late reply may still be written into it.
+ * The in-order read window behind {@link stream}: at most `concurrency` chunks being read or read and
+ * waiting for their turn, requests issued with callbacks (no fiber per request), results emitted
+ * strictly in offset order. Memory: `concurrency` chunk buffers plus whatever the consumer holds.
  */
-const pooledRead = (
-  conn: Link,
-  pool: BufferPool,
-  offset: number,
-  length: number
-): Effect.Effect<ExportChunk, NbdRequestFailure> =>
-  Effect.suspend(() => {
-    const full = pool.take()
-    const buffer = length === full.length ? full : full.subarray(0, length)
-    const max = conn.maxRequest
-    let request: Effect.Effect<ReadResult, NbdRequestFailure>
-    if (length <= max) {
-      request = conn.readOnce(offset, length, buffer)
+class ReadWindow {
+  private readonly slots: Array<Slot> = []
+  private head = 0
+  private plans: ReadonlyArray<Plan> = []
+  private planAt = 0
+  private reads = 0
+  private closed = false
+  waiter: (() => void) | undefined = undefined
+
+  constructor(
+    private readonly conn: Link,
+    private readonly pool: BufferPool,
+    private readonly concurrency: number
+  ) {}
+
+  get size(): number {
+    return this.slots.length - this.head
+  }
+
+  /** All plans started and room for another read: time to fetch the next status window. */
+  get wantsPlans(): boolean {
+    return this.planAt >= this.plans.length && this.reads < this.concurrency
+  }
+
+  get headDone(): boolean {
+    const slot = this.slots[this.head]
+    return slot !== undefined && (slot.chunk !== undefined || slot.error !== undefined)
+  }
+
+  addPlans(plans: ReadonlyArray<Plan>): void {
+    this.plans = plans
+    this.planAt = 0
+  }
+
+  /** Starts as many planned chunks as the window allows. */
+  fill(): void {
+    while (this.planAt < this.plans.length && !this.closed) {
+      const plan = this.plans[this.planAt]
+      if (plan._tag === "Read") {
+        if (this.reads >= this.concurrency) return
+        this.planAt++
+        this.reads++
+        this.start(plan.offset, plan.length)
+      } else {
+        if (this.size >= this.concurrency + MAX_KNOWN_AHEAD) return
+        this.planAt++
+        this.slots.push({
+          offset: plan.offset,
+          length: plan.length,
+          read: false,
+          chunk: plan,
+          error: undefined,
+          readStart: plan.offset,
+          buffer: undefined,
+          pooled: undefined,
+          requests: [],
+          remaining: 0,
+          pieces: []
+        })
+      }
+    }
+  }
+
+  private start(offset: number, length: number): void {
+    const conn = this.conn
+    const min = conn.minBlock
+    const readStart = offset - (offset % min)
+    const readEnd = Math.min(conn.size, roundUp(offset + length, min))
+    const readLength = readEnd - readStart
+    let pooled: Buffer | undefined
+    let buffer: Buffer
+    if (readLength === this.pool.size || (readStart === offset && readEnd === offset + length)) {
+      pooled = this.pool.take()
+      buffer = readLength === pooled.length ? pooled : pooled.subarray(0, readLength)
     } else {
-      const parts: Array<number> = []
-      for (let at = 0; at < length; at += max) parts.push(at)
-      request = Effect.map(
-        Effect.forEach(
-          parts,
-          (at) => {
-            const n = Math.min(max, length - at)
-            return conn.readOnce(offset + at, n, buffer.subarray(at, at + n))
-          },
-          { concurrency: "unbounded" }
-        ),
-        (results): ReadResult => ({ offset, length, pieces: results.flatMap((r) => r.pieces) })
+      buffer = Buffer.allocUnsafeSlow(readLength)
+    }
+    const max = conn.maxRequest
+    const parts = Math.ceil(readLength / max)
+    const slot: Slot = {
+      offset,
+      length,
+      read: true,
+      chunk: undefined,
+      error: undefined,
+      readStart,
+      buffer,
+      pooled,
+      requests: [],
+      remaining: parts,
+      pieces: []
+    }
+    this.slots.push(slot)
+    for (let at = 0; at < readLength && slot.error === undefined; at += max) {
+      const n = Math.min(max, readLength - at)
+      slot.requests.push(
+        conn.request(CMD_READ, readStart + at, n, buffer.subarray(at, at + n), (failure, value) => {
+          if (failure !== undefined) this.failed(slot, failure)
+          else this.partDone(slot, value as ReadResult)
+        })
       )
     }
-    return Effect.map(request, (result): ExportChunk => {
-      let data = false
-      for (const piece of result.pieces) {
-        if ("data" in piece) data = true
-        else buffer.fill(0, piece.offset - offset, piece.offset - offset + piece.length)
-      }
-      if (!data) {
-        pool.give(full)
-        return { _tag: "Zero", offset, length }
+  }
+
+  private failed(slot: Slot, failure: NbdRequestFailure): void {
+    if (slot.error !== undefined || slot.chunk !== undefined) return
+    slot.error = failure
+    // the other parts may still write into the buffer: cancel them, never pool the buffer again
+    for (const request of slot.requests) request.owner.cancel(request)
+    slot.pooled = undefined
+    this.wake(slot)
+  }
+
+  private partDone(slot: Slot, result: ReadResult): void {
+    if (slot.error !== undefined) return
+    for (const piece of result.pieces) slot.pieces.push(piece)
+    if (--slot.remaining > 0) return
+    const buffer = slot.buffer!
+    const pieces = slot.pieces
+    if (pieces.length > 1) pieces.sort((a, b) => a.offset - b.offset)
+    let data = false
+    for (const piece of pieces) {
+      if ("data" in piece) data = true
+      else buffer.fill(0, piece.offset - slot.readStart, piece.offset - slot.readStart + piece.length)
+    }
+    const pooled = slot.pooled
+    slot.requests = []
+    slot.buffer = undefined
+    slot.pieces = []
+    if (!data) {
+      if (pooled !== undefined) this.pool.give(pooled)
+      slot.chunk = { _tag: "Zero", offset: slot.offset, length: slot.length }
+    } else {
+      let view: ReadResult = { offset: slot.readStart, length: buffer.length, pieces }
+      if (slot.readStart !== slot.offset || buffer.length !== slot.length) {
+        backing.set(view, buffer)
+        view = clip(view, slot.offset, slot.length)
       }
       let released = false
-      return {
+      slot.chunk = {
         _tag: "Data",
-        offset,
-        length,
-        data: buffer,
-        pieces: result.pieces,
-        release: () => {
+        offset: slot.offset,
+        length: slot.length,
+        data: slot.readStart === slot.offset && buffer.length === slot.length
+          ? buffer
+          : buffer.subarray(slot.offset - slot.readStart, slot.offset - slot.readStart + slot.length),
+        pieces: view.pieces,
+        release: pooled === undefined ? noRelease : () => {
           if (released) return
           released = true
-          pool.give(full)
+          this.pool.give(pooled)
         }
       }
-    })
-  })
+    }
+    this.wake(slot)
+  }
 
-/** In-order chunks of the export; reads run `concurrency` at a time. */
+  private wake(slot: Slot): void {
+    if (this.slots[this.head] !== slot) return
+    const waiter = this.waiter
+    this.waiter = undefined
+    waiter?.()
+  }
+
+  /** Leading finished chunks (in order), or the head's failure. */
+  takeReady(): Array<ExportChunk> | NbdRequestFailure {
+    const out: Array<ExportChunk> = []
+    while (this.head < this.slots.length) {
+      const slot = this.slots[this.head]
+      if (slot.error !== undefined) return out.length > 0 ? out : slot.error
+      if (slot.chunk === undefined) break
+      out.push(slot.chunk)
+      if (slot.read) this.reads--
+      this.head++
+    }
+    if (this.head > 64 && this.head * 2 > this.slots.length) {
+      this.slots.splice(0, this.head)
+      this.head = 0
+    }
+    return out
+  }
+
+  /** The stream ended or was interrupted: abandon requests in flight (their buffers are not reused). */
+  close(): void {
+    this.closed = true
+    this.waiter = undefined
+    for (let i = this.head; i < this.slots.length; i++) {
+      for (const request of this.slots[i].requests) request.owner.cancel(request)
+    }
+    this.slots.length = 0
+    this.head = 0
+  }
+}
+
+/**
+ * In-order chunks of the export: block status per `statusWindow`, then at most `concurrency` chunks
+ * read ahead (in flight, or read and waiting for an earlier one). Chunks known without reading are
+ * emitted in batches.
+ */
 export const stream = (
   conn: Link,
   options: StreamOptions = {}
 ): Stream.Stream<ExportChunk, NbdRequestFailure> =>
-  Stream.unwrap(Effect.gen(function*() {
+  Stream.unwrapScoped(Effect.gen(function*() {
     const offset = options.offset ?? 0
     const length = options.length ?? Math.max(0, conn.size - offset)
     yield* checkRange(conn, offset, length)
@@ -359,33 +512,42 @@ export const stream = (
     const window = Math.max(chunkSize, Math.floor((options.statusWindow ?? 1024 * 1024 * 1024) / chunkSize) * chunkSize)
     const end = offset + length
 
-    const plans = Stream.unfoldChunkEffect(offset, (pos) => {
-      if (pos >= end) return Effect.succeed(Option.none())
-      const windowEnd = Math.min(end, pos + window)
+    const reader = new ReadWindow(conn, new BufferPool(chunkSize, concurrency + POOL_SPARE), concurrency)
+    yield* Effect.addFinalizer(() => Effect.sync(() => reader.close()))
+
+    let pos = offset
+    /** Block status for the next window, planned into chunks. */
+    const nextPlans = Effect.suspend(() => {
+      const from = pos
+      const windowEnd = Math.min(end, from + window)
       const status = needed.length === 0
         ? Effect.succeed<ReadonlyMap<string, ReadonlyArray<Extent>>>(new Map())
-        : extents(conn, pos, windowEnd - pos, needed)
+        : extents(conn, from, windowEnd - from, needed)
       return Effect.map(status, (map) => {
-        const list = planWindow(
-          pos,
+        reader.addPlans(planWindow(
+          from,
           windowEnd,
           chunkSize,
           allocation === undefined ? undefined : map.get(allocation),
           dirty === undefined ? undefined : map.get(dirty)
-        )
-        return Option.some([Chunk.unsafeFromArray(list), windowEnd] as const)
+        ))
+        pos = windowEnd
       })
     })
-    const pool = new BufferPool(chunkSize, concurrency + POOL_SPARE)
-    const min = conn.minBlock
-    const readChunk = (at: number, n: number): Effect.Effect<ExportChunk, NbdRequestFailure> =>
-      at % min === 0 && (n % min === 0 || at + n === conn.size)
-        ? pooledRead(conn, pool, at, n)
-        : Effect.map(read(conn, at, n), toChunk)
-    return Stream.mapEffect(
-      plans,
-      (plan): Effect.Effect<ExportChunk, NbdRequestFailure> =>
-        plan._tag === "Read" ? readChunk(plan.offset, plan.length) : Effect.succeed(plan),
-      { concurrency }
-    )
+    const headDone = Effect.async<void>((resume) => {
+      if (reader.headDone) return resume(Effect.void)
+      reader.waiter = () => resume(Effect.void)
+      return Effect.sync(() => {
+        reader.waiter = undefined
+      })
+    })
+    const pull: Effect.Effect<Chunk.Chunk<ExportChunk>, Option.Option<NbdRequestFailure>> = Effect.suspend(() => {
+      reader.fill()
+      if (reader.wantsPlans && pos < end) return Effect.zipRight(Effect.mapError(nextPlans, Option.some), pull)
+      if (reader.size === 0) return Effect.fail(Option.none())
+      if (!reader.headDone) return Effect.zipRight(headDone, pull)
+      const ready = reader.takeReady()
+      return Array.isArray(ready) ? Effect.succeed(Chunk.unsafeFromArray(ready)) : Effect.fail(Option.some(ready))
+    })
+    return Stream.repeatEffectChunkOption(pull)
   }))

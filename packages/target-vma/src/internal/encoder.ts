@@ -136,7 +136,11 @@ export class Encoder {
       return fail("InvalidLength", `range ${offset}+${length} exceeds device size ${dev.size}`, dev.name)
     }
     if (length % F.CLUSTER_SIZE !== 0 && offset + length !== dev.size) {
-      return fail("Unaligned", `length ${length} is not a multiple of 64 KiB and does not end at the device end`, dev.name)
+      return fail(
+        "Unaligned",
+        `length ${length} is not a multiple of 64 KiB and does not end at the device end`,
+        dev.name
+      )
     }
     const first = offset / F.CLUSTER_SIZE
     const last = Math.ceil((offset + length) / F.CLUSTER_SIZE)
@@ -252,7 +256,8 @@ export class Encoder {
     if (
       last !== undefined && last.buffer === block.buffer && last.byteOffset + last.byteLength === block.byteOffset
     ) {
-      this.parts[this.parts.length - 1] = new Uint8Array(last.buffer, last.byteOffset, last.byteLength + block.byteLength)
+      const merged = new Uint8Array(last.buffer, last.byteOffset, last.byteLength + block.byteLength)
+      this.parts[this.parts.length - 1] = merged
     } else {
       this.parts.push(block)
     }

@@ -18,6 +18,11 @@ export const MAX_CONFIGS = 256
 export const MAX_BLOB_LENGTH = 65535
 /** QEMU's header buffer: 8 clusters. */
 export const MAX_HEADER_SIZE = 8 * CLUSTER_SIZE
+/**
+ * Largest header a reader accepts: every config and device slot with a maximal blob fits in 64 MiB, so
+ * anything larger is corrupt (and must not make us allocate gigabytes).
+ */
+export const MAX_READ_HEADER_SIZE = 64 * 1024 * 1024
 /** cluster_num is a u32. */
 export const MAX_CLUSTERS = 2 ** 32
 export const MAX_DEVICE_SIZE = MAX_CLUSTERS * CLUSTER_SIZE
@@ -45,7 +50,8 @@ export const EXTENT_MAGIC = Uint8Array.of(0x56, 0x4d, 0x41, 0x45)
 const utf8 = new TextEncoder()
 const utf8Decoder = new TextDecoder("utf-8")
 
-export const hex = (bytes: Uint8Array): string => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length).toString("hex")
+export const hex = (bytes: Uint8Array): string =>
+  Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length).toString("hex")
 
 export const md5 = (bytes: Uint8Array): Buffer => createHash("md5").update(bytes).digest()
 
@@ -214,7 +220,9 @@ export const checkHeaderPrefix = (
     return new Err.VmaHeaderTruncated({ expected: HEADER_FIXED_SIZE, actual: prefix.length })
   }
   const headerSize = new DataView(prefix.buffer, prefix.byteOffset, prefix.length).getUint32(OFF_HEADER_SIZE)
-  if (headerSize <= HEADER_FIXED_SIZE) return new Err.VmaBadHeaderSize({ headerSize })
+  if (headerSize <= HEADER_FIXED_SIZE || headerSize > MAX_READ_HEADER_SIZE) {
+    return new Err.VmaBadHeaderSize({ headerSize })
+  }
   return headerSize
 }
 

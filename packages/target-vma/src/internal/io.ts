@@ -342,7 +342,8 @@ export const spawnChild = (
     const exited = Deferred.await(exit)
     // stderr 'data' may arrive after 'exit'; wait for the pipes to close before reporting.
     const closed = Effect.async<void>((resume) => {
-      if (proc.exitCode !== null && proc.stdio.every((s) => s === null || s === undefined || s.destroyed)) return resume(Effect.void)
+      const closed = proc.stdio.every((s) => s === null || s === undefined || s.destroyed)
+      if (proc.exitCode !== null && closed) return resume(Effect.void)
       proc.once("close", () => resume(Effect.void))
     }).pipe(Effect.timeout("2 seconds"), Effect.ignore)
     const check = Effect.flatMap(exited, (status) =>
@@ -403,7 +404,9 @@ export const makePipe: Effect.Effect<Pipe, VmaIoError | VmaProcessError, Scope.S
       // Opening either end blocks until the other is opened: open both at once (in the thread pool).
       return yield* Effect.all([open(fifo, constants.O_RDONLY), open(fifo, constants.O_WRONLY)], { concurrency: 2 })
     }).pipe(
-      Effect.ensuring(Effect.async<void>((resume) => fs.rm(dir, { recursive: true, force: true }, () => resume(Effect.void))))
+      Effect.ensuring(
+        Effect.async<void>((resume) => fs.rm(dir, { recursive: true, force: true }, () => resume(Effect.void)))
+      )
     )
     const [readFd, writeFd] = ends
     const state = { read: true, write: true }

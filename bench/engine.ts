@@ -1,0 +1,622 @@
+/**
+ * NBD pull benchmark for the stock-QEMU engine: `npx tsx bench/engine.ts [--size 1G] [--runs 3] [--sparse 16G]`.
+ *
+ * Creates, under $BENCH_DIR (or /tmp), a raw disk of `--size` (default 1 GiB) with random data in 9 of
+ * every 10 chunks of 4 MiB and holes in the rest, a `--sparse` raw (default 16 GiB) holding 64 MiB of
+ * data (64 pieces of 1 MiB spread evenly) and a dense 64 MiB raw. It starts a paused QEMU
+ * (`qemu-system-x86_64 -S -machine q35,accel=tcg`) with the three as virtio disks and fleeces them the
+ * way the engine does (qcow2 overlay with the live node as backing, one `transaction` of
+ * `blockdev-backup sync=none`, `nbd-server-start`, read-only `block-export-add`), then times, in one run,
+ * each case `--runs` times (median reported):
+ *
+ *   (a) `nbdcopy <export> null:` (its default: 4 connections, extents) — the reference;
+ *   (b) our NbdClient reading the same export in order through `stream()`, discarding the data, with
+ *       several option sets (the engine's current call, buffer release, several connections);
+ *   (c) our NbdClient → VmaWriter → an uncompressed .vma file (the engine's data path), and the real
+ *       StockEngine + VmaTarget (compress 0) driven directly (status polled every 10 ms, not once a
+ *       second as the workflow does) after the bench's own fleecing has been removed;
+ *   (d) the sparse disk against the dense one, through our client (ratio of times).
+ *
+ * Our client runs in child processes (`node --import tsx bench/engine.ts --child …`), so each peak RSS
+ * (`process.resourceUsage().maxRSS`) belongs to one measurement; the RSS before the transfer (Node, tsx,
+ * Effect, connection) is shown beside it. nbdcopy's peak RSS is read from /proc/<pid>/status (VmHWM).
+ * Content is checked once (sha256 of the stream against `sha256sum` of the image). Processes are killed
+ * by PID and every file is removed at the end.
+ */
+import * as NodeQmpTransport from "@vzdump/qmp/NodeQmpTransport"
+import * as NbdClient from "@vzdump/qmp/NbdClient"
+import * as QmpClient from "@vzdump/qmp/QmpClient"
+import type { QmpClientService } from "@vzdump/qmp/QmpClient"
+import * as HostCommand from "@vzdump/core/HostCommand"
+import * as StockEngine from "@vzdump/core/StockEngine"
+import * as VmaOutput from "@vzdump/target-vma/VmaOutput"
+import * as VmaTarget from "@vzdump/target-vma/VmaTarget"
+import * as VmaWriter from "@vzdump/target-vma/VmaWriter"
+import { Effect, Stream } from "effect"
+import { type ChildProcess, spawn, spawnSync } from "node:child_process"
+import { createHash, randomFillSync } from "node:crypto"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+
+const MiB = 1024 * 1024
+const GiB = 1024 * MiB
+const self = fileURLToPath(import.meta.url)
+const out = (s: string) => process.stdout.write(s)
+
+// -------------------------------------------------------------------------------------------------
+// child side: one measurement per process
+
+interface ReadJob {
+  readonly mode: "read" | "vma"
+  readonly socket: string
+  readonly exportName: string
+  readonly connections: number
+  readonly chunkSize: number
+  readonly concurrency: number
+  readonly maxInFlight: number
+  readonly release: boolean
+  readonly hash: boolean
+  /** mode "vma": the archive file to write. */
+  readonly vma?: string
+}
+
+interface EngineJob {
+  readonly mode: "engine"
+  readonly qmp: string
+  readonly workDir: string
+  readonly dumpdir: string
+  readonly virtdev: string
+  readonly size: number
+  readonly file: string
+}
+
+type ChildJob = ReadJob | EngineJob
+
+interface ChildResult {
+  readonly seconds: number
+  readonly bytes: number
+  readonly dataBytes: number
+  readonly sha256?: string
+  readonly rssBeforeKiB: number
+  readonly peakRssKiB: number
+}
+
+const childRead = (job: ReadJob) =>
+  Effect.scoped(Effect.gen(function*() {
+    const started = performance.now()
+    const client = yield* NbdClient.make({
+      path: job.socket,
+      exportName: job.exportName,
+      connections: job.connections,
+      maxInFlight: job.maxInFlight
+    })
+    const rssBeforeKiB = process.resourceUsage().maxRSS
+    const hash = job.hash ? createHash("sha256") : undefined
+    let bytes = 0
+    let dataBytes = 0
+    const stream = client.stream({ chunkSize: job.chunkSize, concurrency: job.concurrency })
+    if (job.mode === "read") {
+      yield* Stream.runForEach(stream, (chunk) =>
+        Effect.sync(() => {
+          bytes += chunk.length
+          if (chunk._tag === "Data") {
+            dataBytes += chunk.length
+            hash?.update(chunk.data)
+            if (job.release) chunk.release()
+          } else {
+            hash?.update(Buffer.alloc(chunk.length))
+          }
+        }))
+    } else {
+      const output = yield* VmaOutput.file(job.vma!)
+      const writer = yield* VmaWriter.make({
+        output,
+        configs: [{ name: "qemu-server.conf", data: "memory: 128\n" }],
+        devices: [{ name: "drive-scsi0", size: client.info.size }]
+      })
+      // The writer keeps views of the last, incomplete extent (up to 57 clusters of 64 KiB) after a
+      // write returns; with 4 MiB chunks they are gone once the next chunk's write has returned.
+      let held: NbdClient.DataChunk | undefined
+      yield* Stream.runForEach(stream, (chunk) =>
+        Effect.gen(function*() {
+          bytes += chunk.length
+          if (chunk._tag === "Data") {
+            dataBytes += chunk.length
+            yield* writer.writeData(1, chunk.offset, chunk.data)
+          } else {
+            yield* writer.writeZeros(1, chunk.offset, chunk.length)
+          }
+          if (job.release) {
+            held?.release()
+            held = chunk._tag === "Data" ? chunk : undefined
+          }
+        }))
+      yield* writer.finish
+    }
+    const result: ChildResult = {
+      seconds: (performance.now() - started) / 1000,
+      bytes,
+      dataBytes,
+      ...(hash === undefined ? {} : { sha256: hash.digest("hex") }),
+      rssBeforeKiB,
+      peakRssKiB: process.resourceUsage().maxRSS
+    }
+    return result
+  }))
+
+const childEngine = (job: EngineJob) =>
+  Effect.scoped(Effect.gen(function*() {
+    const qmp = yield* QmpClient.make({ address: job.qmp })
+    const engine = yield* StockEngine.make({ fleeceDir: job.workDir, socketDir: job.workDir })
+    const target = VmaTarget.make({ dumpdir: job.dumpdir, compress: "0" })
+    const rssBeforeKiB = process.resourceUsage().maxRSS
+    const started = performance.now()
+    const result = yield* Effect.scoped(Effect.gen(function*() {
+      const archive = yield* target.open({
+        vmid: 900,
+        startTime: new Date(),
+        configs: [{ name: "qemu-server.conf", data: new TextEncoder().encode("memory: 128\n") }],
+        devices: [{ name: `drive-${job.virtdev}`, size: job.size }]
+      })
+      const engineJob = {
+        vmid: 900,
+        devices: [{
+          virtdev: job.virtdev,
+          qmdevice: `drive-${job.virtdev}`,
+          path: job.file,
+          format: "raw",
+          size: job.size
+        }],
+        qmp,
+        archive,
+        speed: 0,
+        log: () => Effect.void
+      }
+      yield* engine.prepare(engineJob)
+      const running = yield* engine.start(engineJob)
+      while (true) {
+        const status = yield* running.status
+        if (status.status !== "active") {
+          if (status.status !== "done") return yield* Effect.dieMessage(`backup failed: ${status.errmsg}`)
+          break
+        }
+        yield* Effect.sleep("10 millis")
+      }
+      return yield* archive.commit
+    }))
+    const childResult: ChildResult = {
+      seconds: (performance.now() - started) / 1000,
+      bytes: job.size,
+      dataBytes: result.size ?? 0,
+      rssBeforeKiB,
+      peakRssKiB: process.resourceUsage().maxRSS
+    }
+    return childResult
+  })).pipe(Effect.provide(NodeQmpTransport.layer), Effect.provide(HostCommand.layer))
+
+const runChild = (job: ChildJob) =>
+  Effect.runPromise<ChildResult, unknown>(job.mode === "engine" ? childEngine(job) : childRead(job)).then(
+    (result) => {
+      out(`${JSON.stringify(result)}\n`)
+      process.exit(0)
+    },
+    (error: unknown) => {
+      process.stderr.write(`${error instanceof Error ? error.message : String(error)}\n`)
+      process.exit(1)
+    }
+  )
+
+// -------------------------------------------------------------------------------------------------
+// parent side
+
+interface Sample {
+  readonly seconds: number
+  readonly peakRssKiB: number
+  readonly rssBeforeKiB?: number
+}
+
+const median = (xs: ReadonlyArray<number>): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  const m = Math.floor(s.length / 2)
+  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
+}
+
+const parseSize = (s: string): number => {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
+  if (m === null) throw new Error(`bad size ${s}`)
+  const unit = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G" | "T"]
+  return Math.round((Number(m[1]) * unit) / (4 * MiB)) * 4 * MiB
+}
+
+const arg = (name: string, fallback: string) => {
+  const i = process.argv.indexOf(name)
+  return i >= 0 ? process.argv[i + 1] ?? fallback : fallback
+}
+
+const hasTool = (name: string) => spawnSync("sh", ["-c", `command -v ${name}`], { stdio: "ignore" }).status === 0
+
+/** Runs a program to completion, polling /proc/<pid>/status for its peak RSS. */
+const runTimed = (command: string, args: ReadonlyArray<string>) =>
+  new Promise<Sample>((resolve, reject) => {
+    const start = process.hrtime.bigint()
+    const child = spawn(command, args, { stdio: ["ignore", "ignore", "pipe"] })
+    let stderr = ""
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString()
+    })
+    let peak = 0
+    const poll = () => {
+      try {
+        const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${child.pid}/status`, "utf8"))
+        if (m !== null) peak = Math.max(peak, Number(m[1]))
+      } catch {
+        // exited
+      }
+    }
+    const timer = setInterval(poll, 5)
+    child.on("error", reject)
+    child.on("exit", (code) => {
+      clearInterval(timer)
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9
+      if (code !== 0) reject(new Error(`${command} ${args.join(" ")} exited with ${code}: ${stderr}`))
+      else resolve({ seconds, peakRssKiB: peak })
+    })
+  })
+
+/** Runs one measurement of our client in a child process. */
+const runJob = (job: ChildJob) =>
+  new Promise<ChildResult>((resolve, reject) => {
+    const child = spawn(process.execPath, ["--import", "tsx", self, "--child", JSON.stringify(job)], {
+      stdio: ["ignore", "pipe", "pipe"]
+    })
+    let stdout = ""
+    let stderr = ""
+    child.stdout!.on("data", (d: Buffer) => {
+      stdout += d.toString()
+    })
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString()
+    })
+    child.on("error", reject)
+    child.on("exit", (code) => {
+      if (code !== 0) return reject(new Error(`child ${job.mode} exited with ${code}: ${stderr}`))
+      const line = stdout.trim().split("\n").pop() ?? ""
+      resolve(JSON.parse(line) as ChildResult)
+    })
+  })
+
+/** Flushes dirty pages, so no step pays for the previous one's writeback. */
+const settle = () => {
+  spawnSync("sync", [], { stdio: "ignore" })
+}
+
+const sha256sum = (file: string) => spawnSync("sha256sum", [file], { encoding: "utf8" }).stdout.split(" ")[0]!
+
+/** `size` bytes; 4 MiB chunk j is a hole when j % 10 === 9, random data otherwise. */
+const makeMixed = (file: string, size: number) => {
+  const fd = fs.openSync(file, "w")
+  fs.ftruncateSync(fd, size)
+  const block = Buffer.allocUnsafe(4 * MiB)
+  let data = 0
+  for (let j = 0; j * 4 * MiB < size; j++) {
+    if (j % 10 === 9) continue
+    randomFillSync(block)
+    fs.writeSync(fd, block, 0, block.length, j * 4 * MiB)
+    data += block.length
+  }
+  fs.closeSync(fd)
+  return data
+}
+
+/** `size` bytes with `pieces` random 1 MiB pieces spread evenly. */
+const makeSparse = (file: string, size: number, pieces: number) => {
+  const fd = fs.openSync(file, "w")
+  fs.ftruncateSync(fd, size)
+  const block = Buffer.allocUnsafe(MiB)
+  for (let i = 0; i < pieces; i++) {
+    randomFillSync(block)
+    fs.writeSync(fd, block, 0, block.length, i * (size / pieces))
+  }
+  fs.closeSync(fd)
+}
+
+const makeDense = (file: string, size: number) => {
+  const buffer = Buffer.allocUnsafe(size)
+  randomFillSync(buffer)
+  fs.writeFileSync(file, buffer)
+}
+
+interface Disk {
+  readonly virtdev: string
+  readonly file: string
+  readonly size: number
+}
+
+const qmpSession = <A, E>(socket: string, body: (qmp: QmpClientService) => Effect.Effect<A, E>) =>
+  Effect.runPromise(
+    Effect.scoped(Effect.flatMap(QmpClient.make({ address: socket, handshakeTimeout: "10 seconds" }), body)).pipe(
+      Effect.provide(NodeQmpTransport.layer)
+    )
+  )
+
+/** The engine's fleecing, per spec §4.1: overlay, one transaction, NBD server, read-only exports. */
+const fleece = (qmp: QmpClientService, dir: string, disks: ReadonlyArray<Disk>, nbdSocket: string) =>
+  Effect.gen(function*() {
+    for (const disk of disks) {
+      const overlay = path.join(dir, `fleece-${disk.virtdev}.qcow2`)
+      spawnSync("qemu-img", ["create", "-q", "-f", "qcow2", overlay, String(disk.size)])
+      yield* qmp.execute("blockdev-add", {
+        driver: "qcow2",
+        "node-name": `bench-fleece-${disk.virtdev}`,
+        discard: "unmap",
+        file: { driver: "file", filename: overlay },
+        backing: `drive-${disk.virtdev}`
+      })
+    }
+    yield* qmp.execute("transaction", {
+      actions: disks.map((disk) => ({
+        type: "blockdev-backup",
+        data: {
+          "job-id": `bench-job-${disk.virtdev}`,
+          device: `drive-${disk.virtdev}`,
+          target: `bench-fleece-${disk.virtdev}`,
+          sync: "none"
+        }
+      }))
+    })
+    yield* qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: nbdSocket } } })
+    for (const disk of disks) {
+      yield* qmp.execute("block-export-add", {
+        type: "nbd",
+        id: `bench-exp-${disk.virtdev}`,
+        "node-name": `bench-fleece-${disk.virtdev}`,
+        name: disk.virtdev,
+        writable: false
+      })
+    }
+  })
+
+/** Removes the bench's fleecing again, in the spec's order. */
+const unfleece = (qmp: QmpClientService, disks: ReadonlyArray<Disk>) =>
+  Effect.gen(function*() {
+    for (const disk of disks) {
+      yield* Effect.scoped(Effect.gen(function*() {
+        const events = yield* qmp.subscribe
+        yield* qmp.execute("block-export-del", { id: `bench-exp-${disk.virtdev}` })
+        yield* QmpClient.awaitEvent(events, (e) => e.event === "BLOCK_EXPORT_DELETED", "30 seconds")
+      }))
+    }
+    yield* qmp.execute("nbd-server-stop")
+    for (const disk of disks) {
+      yield* Effect.scoped(Effect.gen(function*() {
+        const events = yield* qmp.subscribe
+        yield* qmp.execute("block-job-cancel", { device: `bench-job-${disk.virtdev}`, force: true })
+        yield* QmpClient.awaitEvent(events, (e) => e.event === "BLOCK_JOB_CANCELLED", "30 seconds")
+      }))
+      yield* qmp.execute("blockdev-del", { "node-name": `bench-fleece-${disk.virtdev}` })
+    }
+  })
+
+const startQemu = (dir: string, disks: ReadonlyArray<Disk>, qmpSocket: string) => {
+  const args = [
+    "-S",
+    "-nodefaults",
+    "-display",
+    "none",
+    "-machine",
+    "q35,accel=tcg",
+    "-m",
+    "128",
+    "-qmp",
+    `unix:${qmpSocket},server=on,wait=off`,
+    ...disks.flatMap((disk) => [
+      "-blockdev",
+      `driver=file,filename=${disk.file},node-name=file-${disk.virtdev}`,
+      "-blockdev",
+      `driver=raw,file=file-${disk.virtdev},node-name=drive-${disk.virtdev}`,
+      "-device",
+      `virtio-blk-pci,drive=drive-${disk.virtdev},id=${disk.virtdev}`
+    ])
+  ]
+  const child = spawn("qemu-system-x86_64", args, { stdio: ["ignore", "ignore", "pipe"], cwd: dir })
+  let stderr = ""
+  child.stderr!.on("data", (d: Buffer) => {
+    stderr += d.toString()
+  })
+  return { child, stderr: () => stderr }
+}
+
+const waitForFile = async (file: string, child: ChildProcess, stderr: () => string) => {
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(file)) return
+    if (child.exitCode !== null) throw new Error(`qemu exited: ${stderr()}`)
+    await new Promise((r) => setTimeout(r, 25))
+  }
+  throw new Error(`qemu did not create ${file}: ${stderr()}`)
+}
+
+const killByPid = async (child: ChildProcess) => {
+  if (child.pid === undefined || child.exitCode !== null) return
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()))
+  process.kill(child.pid, "SIGTERM")
+  const timer = setTimeout(() => {
+    if (child.exitCode === null && child.pid !== undefined) process.kill(child.pid, "SIGKILL")
+  }, 3000)
+  await exited
+  clearTimeout(timer)
+}
+
+const fmt = (n: number, digits = 2) => n.toFixed(digits)
+const pad = (s: string, n: number) => s.padEnd(n)
+const lpad = (s: string, n: number) => s.padStart(n)
+
+const main = async () => {
+  const size = parseSize(arg("--size", "1G"))
+  const sparseSize = parseSize(arg("--sparse", "16G"))
+  const runs = Math.max(1, Number(arg("--runs", "3")))
+  for (const tool of ["nbdcopy", "qemu-img", "qemu-system-x86_64", "sha256sum"]) {
+    if (!hasTool(tool)) {
+      out(`bench/engine.ts: ${tool} not found, skipped\n`)
+      return
+    }
+  }
+  const dir = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "eng-"))
+  const qmpSocket = path.join(dir, "qmp.sock")
+  const nbdSocket = path.join(dir, "nbd.sock")
+  let qemu: ReturnType<typeof startQemu> | undefined
+  try {
+    out(`bench dir ${dir}; ${runs} runs per case, medians; 2 shared cores, so expect noise\n`)
+    const disks: Array<Disk> = [
+      { virtdev: "scsi0", file: path.join(dir, "mixed.raw"), size },
+      { virtdev: "scsi1", file: path.join(dir, "sparse.raw"), size: sparseSize },
+      { virtdev: "scsi2", file: path.join(dir, "dense.raw"), size: 64 * MiB }
+    ]
+    const [mixed, sparse, dense] = disks as [Disk, Disk, Disk]
+    const mixedData = makeMixed(mixed.file, size)
+    makeSparse(sparse.file, sparseSize, 64)
+    makeDense(dense.file, dense.size)
+    out(
+      `images: ${mixed.virtdev} ${size / MiB} MiB (${fmt((100 * mixedData) / size, 0)} % random data, rest holes), ` +
+        `${sparse.virtdev} ${sparseSize / GiB} GiB with 64 MiB of data, ${dense.virtdev} 64 MiB dense\n`
+    )
+    const expected = { mixed: sha256sum(mixed.file), dense: sha256sum(dense.file) }
+
+    qemu = startQemu(dir, disks, qmpSocket)
+    await waitForFile(qmpSocket, qemu.child, qemu.stderr)
+    await qmpSession(qmpSocket, (qmp) => fleece(qmp, dir, disks, nbdSocket))
+    const uri = (virtdev: string) => `nbd+unix:///${virtdev}?socket=${nbdSocket}`
+    out(`QEMU ${qemu.child.pid} (paused, TCG) exports the fleeced disks at ${nbdSocket}\n`)
+
+    // option sets of our client
+    const engineToday = { connections: 1, chunkSize: 4 * MiB, concurrency: 4, maxInFlight: 4, release: false }
+    const recommended = { connections: 1, chunkSize: 4 * MiB, concurrency: 4, maxInFlight: 4, release: true }
+    const fourConns = { connections: 4, chunkSize: 4 * MiB, concurrency: 8, maxInFlight: 2, release: true }
+    const readJob = (virtdev: string, o: typeof recommended, hash = false): ReadJob => ({
+      mode: "read",
+      socket: nbdSocket,
+      exportName: virtdev,
+      hash,
+      ...o
+    })
+
+    // content check, not timed
+    for (const [disk, sha] of [[mixed, expected.mixed], [dense, expected.dense]] as const) {
+      for (const o of [recommended, fourConns]) {
+        const r = await runJob(readJob(disk.virtdev, o, true))
+        if (r.sha256 !== sha) throw new Error(`${disk.virtdev}: stream sha256 ${r.sha256} != image ${sha}`)
+      }
+    }
+    out("content check: stream sha256 = sha256sum of the image (1 and 4 connections) ✓\n\n")
+
+    const vmaFile = path.join(dir, "out.vma")
+    const vmaJob = (o: typeof recommended): ReadJob => ({ ...readJob(mixed.virtdev, o), mode: "vma", vma: vmaFile })
+    const cases: Array<{ name: string; run: () => Promise<Sample>; group: "mixed" | "sparse" | "vma" }> = [
+      { name: "(a) nbdcopy null: (4 conns)", group: "mixed", run: () => runTimed("nbdcopy", [uri(mixed.virtdev), "null:"]) },
+      {
+        name: "    nbdcopy --connections=1",
+        group: "mixed",
+        run: () => runTimed("nbdcopy", ["--connections=1", uri(mixed.virtdev), "null:"])
+      },
+      { name: "(b) ours, engine's call today", group: "mixed", run: () => runJob(readJob(mixed.virtdev, engineToday)) },
+      { name: "    ours, + release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, recommended)) },
+      { name: "    ours, 4 conns, conc 8, release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, fourConns)) },
+      {
+        name: "(c) ours → VmaWriter file, no release",
+        group: "vma",
+        run: async () => {
+          fs.rmSync(vmaFile, { force: true })
+          settle()
+          return runJob(vmaJob(engineToday))
+        }
+      },
+      {
+        name: "    ours → VmaWriter file, release",
+        group: "vma",
+        run: async () => {
+          fs.rmSync(vmaFile, { force: true })
+          settle()
+          return runJob(vmaJob(recommended))
+        }
+      },
+      { name: "(d) sparse: nbdcopy", group: "sparse", run: () => runTimed("nbdcopy", [uri(sparse.virtdev), "null:"]) },
+      { name: "    dense: nbdcopy", group: "sparse", run: () => runTimed("nbdcopy", [uri(dense.virtdev), "null:"]) },
+      { name: "    sparse: ours, release", group: "sparse", run: () => runJob(readJob(sparse.virtdev, recommended)) },
+      { name: "    dense: ours, release", group: "sparse", run: () => runJob(readJob(dense.virtdev, recommended)) },
+      { name: "    sparse: ours, engine's call", group: "sparse", run: () => runJob(readJob(sparse.virtdev, engineToday)) }
+    ]
+    const samples = new Map<string, Array<Sample>>(cases.map((c) => [c.name, []]))
+    for (let round = 0; round < runs; round++) {
+      for (const c of cases) samples.get(c.name)!.push(await c.run())
+    }
+    fs.rmSync(vmaFile, { force: true })
+
+    // (c) the real engine: the bench's fleecing must go first (the engine fleeces the same disk), and
+    // the QMP socket serves one client at a time
+    await qmpSession(qmpSocket, (qmp) => unfleece(qmp, disks))
+    const dumpdir = path.join(dir, "dump")
+    const engineName = "(c) StockEngine + VmaTarget, compress 0"
+    samples.set(engineName, [])
+    for (let round = 0; round < runs; round++) {
+      fs.rmSync(dumpdir, { recursive: true, force: true })
+      settle()
+      samples.get(engineName)!.push(
+        await runJob({
+          mode: "engine",
+          qmp: qmpSocket,
+          workDir: dir,
+          dumpdir,
+          virtdev: mixed.virtdev,
+          size,
+          file: mixed.file
+        })
+      )
+    }
+    fs.rmSync(dumpdir, { recursive: true, force: true })
+
+    // table
+    const med = (name: string) => median(samples.get(name)!.map((s) => s.seconds))
+    const reference = med(cases[0]!.name)
+    const header = `${pad("case", 40)} ${lpad("median s", 9)} ${lpad("MiB/s", 7)} ${lpad("× nbdcopy", 9)} ` +
+      `${lpad("peak RSS", 9)} ${lpad("before", 7)}  runs (s)\n`
+    const row = (name: string, bytes: number, ratio: string) => {
+      const list = samples.get(name)!
+      const m = median(list.map((s) => s.seconds))
+      const peak = median(list.map((s) => s.peakRssKiB)) / 1024
+      const before = list[0]!.rssBeforeKiB === undefined ? "" : fmt(median(list.map((s) => s.rssBeforeKiB!)) / 1024, 0)
+      out(
+        `${pad(name, 40)} ${lpad(fmt(m, 3), 9)} ${lpad(fmt(bytes / MiB / m, 0), 7)} ${lpad(ratio, 9)} ` +
+          `${lpad(fmt(peak, 0), 5)} MiB ${lpad(before, 7)}  ${list.map((s) => fmt(s.seconds, 2)).join(" ")}\n`
+      )
+    }
+    out(`${size / MiB} MiB disk (${fmt(mixedData / MiB, 0)} MiB data), fleece export, warm page cache:\n${header}`)
+    for (const c of cases.filter((c) => c.group !== "sparse")) row(c.name, size, fmt(med(c.name) / reference, 2))
+    row(engineName, size, fmt(med(engineName) / reference, 2))
+    out(`\n${sparseSize / GiB} GiB disk with 64 MiB of data vs a dense 64 MiB disk (ratio: sparse / dense):\n${header}`)
+    for (const c of cases.filter((c) => c.group === "sparse")) {
+      const isSparse = c.name.includes("sparse")
+      const denseName = c.name.includes("nbdcopy") ? "    dense: nbdcopy" : "    dense: ours, release"
+      row(c.name, isSparse ? sparseSize : dense.size, isSparse ? fmt(med(c.name) / med(denseName), 2) : "")
+    }
+    out(
+      "\nours = child process: connect + stream, excluding Node start-up; 'before' = its RSS after loading and\n" +
+        "connecting (Node, tsx, Effect). '(c) StockEngine' covers fleece set-up, transfer, commit (not QEMU start).\n"
+    )
+  } finally {
+    if (qemu !== undefined) await killByPid(qemu.child)
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+}
+
+if (process.argv[2] === "--child") {
+  void runChild(JSON.parse(process.argv[3]!) as ChildJob)
+} else {
+  main().then(
+    () => process.exit(0),
+    (error: unknown) => {
+      process.stderr.write(`bench/engine.ts failed: ${error instanceof Error ? error.stack : String(error)}\n`)
+      process.exit(1)
+    }
+  )
+}

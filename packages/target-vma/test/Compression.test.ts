@@ -1,0 +1,146 @@
+import * as fs from "node:fs"
+import * as path from "node:path"
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import * as VmaCompression from "../src/VmaCompression.js"
+import * as VmaInput from "../src/VmaInput.js"
+import * as VmaOutput from "../src/VmaOutput.js"
+import * as VmaReader from "../src/VmaReader.js"
+import * as VmaWriter from "../src/VmaWriter.js"
+import { CLUSTER, makeImage, sha256, sha256File, tempDir } from "./utils.js"
+
+const image = makeImage(3 * 1024 * 1024 + 4096, 31)
+
+const writeArchive = (output: VmaOutput.VmaOutput) =>
+  Effect.flatMap(
+    VmaWriter.make({
+      output,
+      configs: [{ name: "qemu-server.conf", data: "name: z\n" }],
+      devices: [{ name: "drive-scsi0", size: image.length }]
+    }),
+    (writer) => Effect.zipRight(writer.writeData(1, 0, image), writer.finish)
+  )
+
+const extractFile = (file: string, directory: string) =>
+  Effect.scoped(Effect.gen(function*() {
+    const input = yield* VmaInput.file(file)
+    const archive = yield* VmaReader.open(input)
+    yield* VmaReader.extract(archive, { directory })
+    return input.format
+  }))
+
+const formats: ReadonlyArray<readonly [VmaCompression.Compression, ReadonlyArray<number>]> = [
+  [{ format: "zstd", threads: 2, level: 1 }, [0x28, 0xb5, 0x2f, 0xfd]],
+  [{ format: "gzip" }, [0x1f, 0x8b]],
+  [{ format: "gzip", pigz: 2 }, [0x1f, 0x8b]],
+  [{ format: "lzo" }, [0x89, 0x4c, 0x5a, 0x4f]]
+]
+
+describe("compression", () => {
+  for (const [compression, magic] of formats) {
+    const command = VmaCompression.compressorCommand(compression)
+    it.scopedLive(`${command.command} ${command.args.join(" ")}: write, recognise, decompress, extract`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDir
+        const file = path.join(dir, `a.vma${VmaCompression.extension(compression)}`)
+        yield* Effect.scoped(Effect.flatMap(VmaOutput.file(file, { compression }), writeArchive))
+        assert.deepStrictEqual([...fs.readFileSync(file).subarray(0, magic.length)], [...magic])
+        const format = yield* extractFile(file, path.join(dir, "x"))
+        assert.strictEqual(format, compression.format)
+        assert.strictEqual(yield* sha256File(path.join(dir, "x", "disk-drive-scsi0.raw")), sha256(image))
+      }), 30_000)
+  }
+
+  it.scopedLive("a failing compressor fails the write with its exit status", () =>
+    Effect.gen(function*() {
+      const fd = fs.openSync("/dev/full", "w")
+      yield* Effect.addFinalizer(() => Effect.sync(() => fs.closeSync(fd)))
+      const error = yield* Effect.flip(
+        Effect.scoped(Effect.flatMap(VmaOutput.fd(fd, { compression: { format: "zstd" } }), writeArchive))
+      )
+      assert.strictEqual(error._tag, "VmaProcessError")
+      if (error._tag !== "VmaProcessError") return
+      assert.isAbove(error.exitCode ?? 0, 0)
+      assert.include(error.stderr, "No space left on device")
+      assert.include(error.message, `command 'zstd --threads=1' failed: exit status ${error.exitCode}`)
+    }), 30_000)
+
+  it.scopedLive("a failing decompressor (truncated .zst) fails the read with its exit status", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const file = path.join(dir, "a.vma.zst")
+      yield* Effect.scoped(Effect.flatMap(VmaOutput.file(file, { compression: { format: "zstd" } }), writeArchive))
+      fs.truncateSync(file, Math.floor(fs.statSync(file).size / 2))
+      const error = yield* Effect.flip(extractFile(file, path.join(dir, "x")))
+      assert.strictEqual(error._tag, "VmaProcessError")
+      assert.include(error.message, "command 'zstd -q -d -c' failed: exit status 1")
+    }), 30_000)
+
+  it.scopedLive("vzdump's temporary name: renamed on success, removed with nothing left on failure", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const final = path.join(dir, "vzdump-qemu-100-2026_01_02-03_04_05.vma.zst")
+      const temporary = VmaCompression.temporaryPath(final)
+      assert.strictEqual(temporary, path.join(dir, "vzdump-qemu-100-2026_01_02-03_04_05.vma.dat"))
+      yield* Effect.scoped(Effect.gen(function*() {
+        const output = yield* VmaOutput.file(final, { compression: { format: "zstd" }, temporaryPath: temporary })
+        const writer = yield* VmaWriter.make({ output, devices: [{ name: "d", size: image.length }] })
+        yield* writer.writeData(1, 0, image)
+        assert.isTrue(fs.existsSync(temporary))
+        assert.isFalse(fs.existsSync(final))
+        yield* writer.finish
+      }))
+      assert.deepStrictEqual(fs.readdirSync(dir), [path.basename(final)])
+      // Failure: the writer is never finished (a cluster is missing), the scope closes with the error.
+      const failed = path.join(dir, "failed.vma")
+      const error = yield* Effect.flip(Effect.scoped(Effect.gen(function*() {
+        const output = yield* VmaOutput.file(failed, { temporaryPath: VmaCompression.temporaryPath(failed) })
+        const writer = yield* VmaWriter.make({ output, devices: [{ name: "d", size: 100 * CLUSTER }] })
+        yield* writer.writeData(1, 0, makeImage(90 * CLUSTER))
+        assert.isTrue(fs.existsSync(path.join(dir, "failed.dat")))
+        return yield* writer.finish
+      })))
+      assert.strictEqual(error._tag, "VmaWriterError")
+      assert.deepStrictEqual(fs.readdirSync(dir), [path.basename(final)])
+      // An existing file is never overwritten.
+      const exists = yield* Effect.flip(Effect.scoped(VmaOutput.file(final)))
+      assert.strictEqual(exists._tag === "VmaIoError" ? exists.code : "", "EEXIST")
+    }), 30_000)
+
+  it.scopedLive("exec: commands get the archive on stdin; their exit status is checked", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const file = path.join(dir, "piped.vma.gz")
+      yield* Effect.scoped(Effect.flatMap(VmaOutput.command(`gzip -1 > '${file}'`), writeArchive))
+      yield* extractFile(file, path.join(dir, "x"))
+      assert.strictEqual(yield* sha256File(path.join(dir, "x", "disk-drive-scsi0.raw")), sha256(image))
+      const error = yield* Effect.flip(
+        Effect.scoped(Effect.flatMap(VmaOutput.command("cat > /dev/null; exit 3"), writeArchive))
+      )
+      assert.strictEqual(error._tag === "VmaProcessError" ? error.exitCode : -1, 3)
+      const early = yield* Effect.flip(Effect.scoped(Effect.flatMap(VmaOutput.command("exit 4"), writeArchive)))
+      assert.strictEqual(early._tag === "VmaProcessError" ? early.exitCode : -1, 4)
+    }), 30_000)
+
+  it("vzdump's options, commands and names", () => {
+    assert.deepStrictEqual(VmaCompression.fromVzdumpOption("1"), { format: "lzo" })
+    assert.deepStrictEqual(VmaCompression.fromVzdumpOption("zstd", { zstd: 4 }), { format: "zstd", threads: 4 })
+    assert.strictEqual(VmaCompression.fromVzdumpOption("0"), undefined)
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "zstd" }), {
+      command: "zstd",
+      args: ["--threads=1"]
+    })
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "gzip" }), {
+      command: "gzip",
+      args: ["--rsyncable"]
+    })
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "gzip", pigz: 3 }), {
+      command: "pigz",
+      args: ["-p", "3", "--rsyncable"]
+    })
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "lzo" }), { command: "lzop", args: [] })
+    assert.strictEqual(VmaCompression.temporaryPath("/d/x.vma"), "/d/x.dat")
+    assert.strictEqual(VmaCompression.extension({ format: "gzip" }), ".gz")
+    assert.strictEqual(VmaCompression.detect(Uint8Array.of(0x56, 0x4d, 0x41, 0)), "vma")
+  })
+})

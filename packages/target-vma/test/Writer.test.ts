@@ -1,0 +1,149 @@
+import * as fs from "node:fs"
+import { assert, describe, it } from "@effect/vitest"
+import { Chunk, Effect, Stream } from "effect"
+import type * as VmaOutput from "../src/VmaOutput.js"
+import * as VmaOutputs from "../src/VmaOutput.js"
+import * as VmaError from "../src/VmaError.js"
+import * as VmaWriter from "../src/VmaWriter.js"
+import { CLUSTER, clusterOps, concat, encodeBytes, makeImage, verifyBytes } from "./utils.js"
+
+/** An output keeping everything in memory and counting what it received. */
+const memory = () => {
+  const chunks: Array<Uint8Array> = []
+  let closed = false
+  const output: VmaOutput.VmaOutput = {
+    write: (parts) =>
+      Effect.sync(() => {
+        for (const p of parts) chunks.push(Uint8Array.from(p))
+      }),
+    close: Effect.sync(() => {
+      closed = true
+    })
+  }
+  return {
+    output,
+    bytes: () => concat(chunks),
+    received: () => chunks.reduce((n, c) => n + c.length, 0),
+    closed: () => closed
+  }
+}
+
+const devices = [{ name: "drive-scsi0", size: 10 * CLUSTER }, { name: "drive-scsi1", size: 100_000 }]
+
+describe("VmaWriter", () => {
+  it.effect("rejects misuse with typed errors and keeps its state", () =>
+    Effect.gen(function*() {
+      const mem = memory()
+      const writer = yield* VmaWriter.make({ output: mem.output, devices })
+      const cluster = new Uint8Array(CLUSTER).fill(1)
+      const reason = <E extends { readonly _tag: string }>(e: Effect.Effect<unknown, E>) =>
+        Effect.map(Effect.flip(e), (err) => "reason" in err ? err.reason : err._tag)
+      const writerError = <E>(e: Effect.Effect<unknown, E>) =>
+        Effect.flatMap(Effect.flip(e), (err) =>
+          err instanceof VmaError.VmaWriterError ? Effect.succeed(err) : Effect.die(err))
+      assert.strictEqual(yield* reason(writer.writeData(1, 4096, cluster)), "Unaligned")
+      assert.strictEqual(yield* reason(writer.writeData(1, 0, cluster.subarray(0, 1000))), "Unaligned")
+      assert.strictEqual(yield* reason(writer.writeData(1, 9 * CLUSTER, new Uint8Array(2 * CLUSTER))), "InvalidLength")
+      assert.strictEqual(yield* reason(writer.writeZeros(2, 0, 200_000)), "InvalidLength")
+      assert.strictEqual(yield* reason(writer.writeCluster(1, 10, null)), "ClusterOutOfRange")
+      assert.strictEqual(yield* reason(writer.writeCluster(2, 0, new Uint8Array(100))), "InvalidLength")
+      assert.strictEqual(yield* reason(writer.writeCluster(0, 0, null)), "UnknownDevice")
+      assert.strictEqual(yield* reason(writer.writeCluster(3, 0, null)), "UnknownDevice")
+      yield* writer.writeCluster(1, 3, cluster)
+      assert.strictEqual(yield* reason(writer.writeCluster(1, 3, null)), "DuplicateCluster")
+      const overlap = yield* writerError(writer.writeData(1, 0, new Uint8Array(5 * CLUSTER)))
+      assert.deepStrictEqual([overlap.reason, overlap.device, overlap.cluster], ["DuplicateCluster", "drive-scsi0", 3])
+      // nothing of the rejected range was recorded: clusters 0..2 can still be written
+      yield* writer.writeData(1, 0, new Uint8Array(3 * CLUSTER))
+      yield* writer.writeZeros(1, 4 * CLUSTER, 6 * CLUSTER)
+      // device 2 (100 000 bytes, 2 clusters): the last cluster may be short
+      yield* writer.writeData(2, 0, makeImage(CLUSTER))
+      const missing = yield* writerError(writer.finish)
+      assert.deepStrictEqual([missing.reason, missing.device, missing.cluster], ["MissingCluster", "drive-scsi1", 1])
+      assert.isFalse(mem.closed(), "the output stays open when finish fails")
+      yield* writer.writeData(2, CLUSTER, makeImage(100_000 - CLUSTER))
+      const stats = yield* writer.finish
+      assert.isTrue(mem.closed())
+      assert.deepStrictEqual(stats.devices.map((d) => [d.written, d.transferred]), [[10, 10 * CLUSTER], [2, 100_000]])
+      assert.strictEqual(stats.bytes, mem.received())
+      assert.strictEqual((yield* verifyBytes(mem.bytes())).clusters, 12)
+      assert.strictEqual(yield* reason(writer.writeCluster(1, 0, null)), "Finished")
+      assert.strictEqual(yield* reason(writer.finish), "Finished")
+    }))
+
+  it.effect("validates configs and devices up front", () =>
+    Effect.gen(function*() {
+      const reason = (options: VmaWriter.VmaArchiveOptions) =>
+        Effect.map(Effect.flip(encodeBytes([], options)), (e) => e.reason)
+      const many = (n: number) => Array.from({ length: n }, (_, i) => ({ name: `drive-scsi${i}`, size: CLUSTER }))
+      assert.strictEqual(yield* reason({ devices: many(255) }), "TooManyDevices")
+      assert.strictEqual(yield* reason({ devices: [{ name: "vmstate", size: CLUSTER }] }), "InvalidDevice")
+      assert.strictEqual(yield* reason({ devices: [{ name: "a", size: 0 }] }), "InvalidDevice")
+      assert.strictEqual(yield* reason({ devices: [{ name: "a", size: 1 }, { name: "a", size: 1 }] }), "InvalidDevice")
+      assert.strictEqual(yield* reason({ configs: [{ name: "big", data: new Uint8Array(65_536) }] }), "InvalidConfig")
+      const sameBase = [{ name: "a/x", data: "" }, { name: "b/x", data: "" }]
+      assert.strictEqual(yield* reason({ configs: sameBase }), "InvalidConfig")
+      assert.strictEqual(yield* reason({ uuid: "nope" }), "InvalidUuid")
+      assert.strictEqual(yield* reason({ clustersPerExtent: 60 }), "InvalidOption")
+      // 254 devices are fine; every one must be written
+      const ops = many(254).map((_, i) => VmaWriter.zeros(i + 1, 0, CLUSTER))
+      const bytes = yield* encodeBytes(ops, { devices: many(254) })
+      assert.strictEqual((yield* verifyBytes(bytes)).clusters, 254)
+    }))
+
+  it.effect("back-pressure: every completed extent is handed to the output before a write returns", () =>
+    Effect.gen(function*() {
+      const mem = memory()
+      const image = makeImage(200 * CLUSTER, 4)
+      const writer = yield* VmaWriter.make({ output: mem.output, devices: [{ name: "d", size: image.length }] })
+      for (let off = 0; off < image.length; off += 7 * CLUSTER) {
+        yield* writer.writeData(1, off, image.subarray(off, Math.min(image.length, off + 7 * CLUSTER)))
+        const stats = yield* writer.stats
+        assert.strictEqual(mem.received(), stats.bytes)
+        // At most one extent (58 clusters) is pending inside the writer.
+        assert.isAtMost(stats.devices[0]!.written - stats.extents * 58, 58)
+      }
+      yield* writer.finish
+      assert.strictEqual((yield* verifyBytes(mem.bytes())).clusters, 200)
+    }))
+
+  it.effect("concurrent writers on different devices produce one valid archive", () =>
+    Effect.gen(function*() {
+      const a = makeImage(40 * CLUSTER, 5)
+      const b = makeImage(33 * CLUSTER + 512, 6)
+      const mem = memory()
+      const writer = yield* VmaWriter.make({
+        output: mem.output,
+        devices: [{ name: "a", size: a.length }, { name: "b", size: b.length }]
+      })
+      const ops = clusterOps([a, b])
+      yield* Effect.forEach([ops.filter((o) => o.device === 1), ops.filter((o) => o.device === 2)], (list) =>
+        Effect.forEach(list, (op) => Effect.zipRight(Effect.yieldNow(), writer.write(op))), { concurrency: 2 })
+      yield* writer.finish
+      assert.strictEqual((yield* verifyBytes(mem.bytes())).clusters, 74)
+    }))
+
+  it.scopedLive("an output error fails the write and every later call", () =>
+    Effect.gen(function*() {
+      const fd = fs.openSync("/dev/full", "w")
+      yield* Effect.addFinalizer(() => Effect.sync(() => fs.closeSync(fd)))
+      const writer = yield* VmaWriter.make({
+        output: yield* VmaOutputs.fd(fd),
+        devices: [{ name: "d", size: 100 * CLUSTER }]
+      })
+      const error = yield* Effect.flip(writer.writeData(1, 0, makeImage(100 * CLUSTER)))
+      assert.strictEqual(error._tag, "VmaIoError")
+      assert.strictEqual(error._tag === "VmaIoError" ? error.code : "", "ENOSPC")
+      const again = yield* Effect.flip(writer.finish)
+      assert.strictEqual(again, error)
+    }))
+
+  it.effect("the Stream variant fails when the input ends early", () =>
+    Effect.gen(function*() {
+      const error = yield* Effect.flip(Stream.runCollect(VmaWriter.encode(
+        Stream.make(VmaWriter.cluster(1, 0, null)),
+        { devices: [{ name: "d", size: 3 * CLUSTER }] }
+      )).pipe(Effect.map(Chunk.size)))
+      assert.deepStrictEqual([error.reason, error.device, error.cluster], ["MissingCluster", "d", 1])
+    }))
+})
