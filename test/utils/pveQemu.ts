@@ -486,7 +486,9 @@ export const make = (options: PveQemuOptions): Effect.Effect<PveQemu, never, Sco
         speed: speed > 0 ? speed : 0,
         log: () => Effect.void
       }
-      const exit = await run(Effect.exit(Scope.extend(stock.start(engineJob), scope)))
+      const exit = await run(
+        Effect.exit(Scope.extend(Effect.zipRight(stock.prepare(engineJob), stock.start(engineJob)), scope))
+      )
       if (Exit.isFailure(exit)) {
         await run(Scope.close(scope, exit))
         throw genericError(`emulator: starting the jobs failed - ${Cause.pretty(exit.cause).split("\n")[0]}`)

@@ -81,10 +81,41 @@ export interface ArchiveResult {
 }
 
 /**
+ * What a target can build on when the engine tracks changes with dirty bitmaps: an archive whose
+ * unchanged chunks are taken from an earlier archive (Proxmox Backup Server's `reuse-csum`).
+ *
+ * Bitmap names say which archive they describe the changes since (e.g.
+ * `vzdump-<target id>-<backup time>`), so the engine can tell whether the bitmap it finds on a disk
+ * belongs to the archive the target builds on. The engine:
+ *
+ * - uses `base[i]` for device `i` only when a bitmap of exactly that name exists, is consistent and
+ *   recording; it then passes the chunks without dirty bits to `writeReused`;
+ * - otherwise reads the whole device (and removes the target's stale bitmaps, those whose names
+ *   start with `prefix`);
+ * - at the point in time creates the bitmap `next` (persistent on qcow2), which from then on records
+ *   the changes since this archive; after a failed backup it merges `next` back into `base[i]`, so
+ *   the changes since the base archive stay recorded.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ArchiveIncremental {
+  /** The target's chunk size (a power of two): `writeReused` takes whole chunks only. */
+  readonly chunkSize: number
+  /** The names of this target's bitmaps start with it. */
+  readonly prefix: string
+  /** The bitmap that is to record the changes after this archive's point in time. */
+  readonly next: string
+  /** Per device (an index into `ArchiveRequest.devices`): the bitmap of the base archive, if any. */
+  readonly base: ReadonlyArray<string | undefined>
+}
+
+/**
  * An open archive. Device data arrives per device at 64 KiB-aligned offsets (the end of a device
- * may be unaligned), in any order; every byte of every device must be written exactly once, either
- * as data or as zeros. Closing the session's scope without `commit` aborts it: nothing partial is
- * left where a finished archive would be.
+ * may be unaligned), in any order (targets that need order say so, e.g. PBS: ascending offsets);
+ * every byte of every device must be written exactly once, either as data, as zeros, or (with
+ * `incremental`) as reused. Closing the session's scope without `commit` aborts it: nothing partial
+ * is left where a finished archive would be.
  *
  * @since 0.1.0
  * @category models
@@ -105,6 +136,24 @@ export interface ArchiveSession {
    * file path with its compressor, or a PBS repository. Absent for targets only our code writes to.
    */
   readonly destination?: ArchiveDestination | undefined
+  /** Set when the target can take unchanged chunks from a base archive (dirty-bitmap incrementals). */
+  readonly incremental?: ArchiveIncremental | undefined
+  /**
+   * With `incremental`: whole chunks (offset and length multiples of `incremental.chunkSize`, the
+   * last chunk of a device may be short) unchanged since the base archive of this device.
+   */
+  readonly writeReused?:
+    | ((device: number, offset: number, length: number) => Effect.Effect<void, BackupTargetError>)
+    | undefined
+  /** Bytes written so far that the target did not have to store anew (Proxmox's `reused` counter). */
+  readonly reused?: Effect.Effect<number> | undefined
+  /**
+   * Finishes the archive's content after the last write (PBS: closes the indexes, uploads the
+   * manifest, the server's finish); engines run it as the last step of the job, while reporting
+   * `finishing`, so a job that ends successfully has a complete archive. `commit` runs it if the
+   * engine did not.
+   */
+  readonly complete?: Effect.Effect<void, BackupTargetError> | undefined
 }
 
 /**

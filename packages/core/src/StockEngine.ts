@@ -13,6 +13,18 @@
  * `vzdump-exp-<virtdev>`, `<fleeceDir>/vzdump-fleece-<vmid>-<virtdev>.qcow2`), so `prepare` can
  * remove what a crashed run left behind.
  *
+ * Dirty-bitmap incrementals, when the archive offers them (`ArchiveSession.incremental`, e.g. a PBS
+ * target; never for templates): the target names, per disk, the bitmap that records the changes
+ * since the archive it builds on. `prepare` checks it (it must exist, be consistent and recording;
+ * otherwise the disk is read in full and the target's stale bitmaps are removed); the point-in-time
+ * `transaction` also disables that bitmap (frozen: exactly the changes up to now) and adds the next
+ * one (persistent on qcow2, so it survives a QEMU restart; in memory on other formats), which from
+ * then on records the changes since this archive. The frozen bitmap is exported with the fleece and
+ * chunks without dirty bits go to `writeReused` unread. On success the frozen bitmap is removed; on
+ * failure the next one is merged back into it, which records again, so no change is lost. A frozen
+ * bitmap left by a crashed run is merged back the same way by `prepare`. The outcome per disk is
+ * reported as `bitmapInfo` (vzdump's `dirty-bitmap status` lines).
+ *
  * @since 0.1.0
  */
 import * as Deferred from "effect/Deferred"
@@ -32,7 +44,9 @@ import * as QmpSchema from "@vzdump/qmp/QmpSchema"
 import { BackupEngine, BackupEngineError } from "./BackupEngine.js"
 import type { BackupEngineService, EngineDevice, EngineJob, RunningBackup } from "./BackupEngine.js"
 import type { BackupStatus } from "./BackupStatus.js"
+import type { ArchiveIncremental } from "./BackupTarget.js"
 import { HostCommand } from "./HostCommand.js"
+import type { BitmapInfo } from "./VzdumpProgress.js"
 import * as VzdumpLog from "./VzdumpLog.js"
 
 /**
@@ -136,12 +150,106 @@ const cancelJob = (qmp: QmpClientService, job: string) =>
     `BLOCK_JOB_CANCELLED ${job}`
   )
 
+/** One disk's dirty-bitmap decision. */
+interface BitmapPlan {
+  /** `used`: read only what `base` marks dirty; `new`: no bitmap yet; `invalid`: stale or unusable ones removed. */
+  readonly action: "used" | "new" | "invalid"
+  /** The base archive's bitmap, when used. */
+  readonly base: string | undefined
+  /** qcow2 keeps bitmaps in the image. */
+  readonly persistent: boolean
+}
+
 /** What `prepare` set up for a VM's job: live node names, resource names, and whether the fleece ran full. */
 interface PreparedDisks {
   readonly nodes: ReadonlyArray<string>
   readonly names: ReadonlyArray<ReturnType<typeof names>>
   noSpace: boolean
+  /** Set when the archive takes dirty-bitmap incrementals. */
+  readonly bitmaps: { readonly incremental: ArchiveIncremental; readonly plans: ReadonlyArray<BitmapPlan> } | undefined
 }
+
+/** Named dirty bitmaps of block nodes (anonymous internal ones are left out). */
+const nodeBitmaps = (qmp: QmpClientService, reason: BackupEngineError["reason"]) =>
+  exec(qmp, reason, "query-named-block-nodes", { flat: true }).pipe(
+    Effect.flatMap(decode(
+      Schema.Array(Schema.Struct({
+        "node-name": Schema.String,
+        "dirty-bitmaps": Schema.optional(Schema.Array(QmpSchema.BlockDirtyInfo))
+      })),
+      "query-named-block-nodes"
+    )),
+    Effect.map((nodes) =>
+      new Map(nodes.map((node) => [
+        node["node-name"],
+        (node["dirty-bitmaps"] ?? []).flatMap((bitmap) =>
+          bitmap.name === undefined ? [] : [{ ...bitmap, name: bitmap.name }]
+        )
+      ]))
+    )
+  )
+
+/** `<prefix><backup time>` of a bitmap name: the prefix and the time. */
+const BITMAP_NAME = /^(vzdump-.*-)(\d+)$/
+
+const isPowerOfTwo = (n: number) => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0
+
+/**
+ * Merges frozen (disabled) bitmaps left by a crashed run back: each takes the bits of the later
+ * bitmaps of its prefix, records again, and the later ones are removed.
+ */
+const recoverBitmaps = (job: EngineJob, nodes: ReadonlyArray<string>) =>
+  Effect.gen(function*() {
+    const all = yield* nodeBitmaps(job.qmp, "Prepare")
+    for (const node of nodes) {
+      const bitmaps = (all.get(node) ?? []).filter((bitmap) => BITMAP_NAME.test(bitmap.name))
+      for (const frozen of bitmaps.filter((bitmap) => !bitmap.recording && bitmap.inconsistent !== true)) {
+        const [, prefix, time] = BITMAP_NAME.exec(frozen.name)!
+        const later = bitmaps.filter((bitmap) => {
+          const m = BITMAP_NAME.exec(bitmap.name)!
+          return bitmap.recording && m[1] === prefix && Number(m[2]) > Number(time)
+        })
+        yield* job.log("warn", `merging left-over dirty bitmap '${frozen.name}' back (node ${node})`)
+        const actions: Array<QmpSchema.TransactionAction> = [
+          ...(later.length > 0
+            ? [{
+              type: "block-dirty-bitmap-merge" as const,
+              data: { node, target: frozen.name, bitmaps: later.map((bitmap) => bitmap.name) }
+            }]
+            : []),
+          { type: "block-dirty-bitmap-enable", data: { node, name: frozen.name } },
+          ...later.map((bitmap) => ({
+            type: "block-dirty-bitmap-remove" as const,
+            data: { node, name: bitmap.name }
+          }))
+        ]
+        yield* exec(job.qmp, "Prepare", "transaction", { actions })
+      }
+    }
+  })
+
+/** Decides per disk whether the target's base bitmap can be used; removes the target's other bitmaps. */
+const planBitmaps = (job: EngineJob, nodes: ReadonlyArray<string>, incremental: ArchiveIncremental) =>
+  Effect.gen(function*() {
+    const all = yield* nodeBitmaps(job.qmp, "Prepare")
+    return yield* Effect.forEach(job.devices, (device, i) =>
+      Effect.gen(function*() {
+        const node = nodes[i]!
+        const ours = (all.get(node) ?? []).filter((bitmap) => bitmap.name.startsWith(incremental.prefix))
+        const base = incremental.base[i]
+        const found = base === undefined ? undefined : ours.find((bitmap) => bitmap.name === base)
+        const usable = found !== undefined && found.inconsistent !== true && found.recording && !found.busy &&
+          isPowerOfTwo(found.granularity) && found.granularity <= incremental.chunkSize
+        for (const stale of ours.filter((bitmap) => !(usable && bitmap.name === base))) {
+          yield* exec(job.qmp, "Prepare", "block-dirty-bitmap-remove", { node, name: stale.name })
+        }
+        return {
+          action: usable ? "used" : ours.length > 0 ? "invalid" : "new",
+          base: usable ? base : undefined,
+          persistent: device.format === "qcow2"
+        } satisfies BitmapPlan
+      }))
+  })
 
 /** Logs a failed cleanup step instead of failing: later steps must still run. */
 const bestEffort = (job: EngineJob, effect: Effect.Effect<unknown, BackupEngineError>) =>
@@ -199,7 +307,24 @@ export const make = (options: StockEngineOptions) =>
         yield* removeFile(socket)
 
         // fleece images and nodes: prepared before the freeze, so the freeze only covers the transaction
-        const disks: PreparedDisks = { nodes: yield* liveNodes(qmp, job.devices), names: wanted, noSpace: false }
+        const live = yield* liveNodes(qmp, job.devices)
+        yield* recoverBitmaps(job, live)
+        const incremental = job.template === true || job.archive.writeReused === undefined
+          ? undefined
+          : job.archive.incremental
+        if (incremental !== undefined && !isPowerOfTwo(incremental.chunkSize)) {
+          return yield* Effect.fail(
+            engineError("Prepare", `archive chunk size ${incremental.chunkSize} is not a power of two`)
+          )
+        }
+        const disks: PreparedDisks = {
+          nodes: live,
+          names: wanted,
+          noSpace: false,
+          bitmaps: incremental === undefined
+            ? undefined
+            : { incremental, plans: yield* planBitmaps(job, live, incremental) }
+        }
         // a guest paused by a full fleece is resumed once everything else is cleaned up (runs last)
         yield* Effect.addFinalizer(() =>
           Effect.zipRight(
@@ -250,7 +375,8 @@ export const make = (options: StockEngineOptions) =>
         }
         const startTime = Math.floor(Date.now() / 1000)
         const total = job.devices.reduce((sum, device) => sum + device.size, 0)
-        const counters = { transferred: 0, zero: 0 }
+        const counters = { transferred: 0, zero: 0, clean: 0 }
+        let finishing = false
         let outcome: { status: "done" } | { status: "error"; errmsg: string } | undefined
         let endTime: number | undefined
         const fail = (errmsg: string) => {
@@ -285,30 +411,101 @@ export const make = (options: StockEngineOptions) =>
           Effect.forkScoped
         )
 
-        // THE point in time, atomic over all disks
+        // THE point in time, atomic over all disks: fleece jobs, and the bitmaps (freeze the base, start the next)
+        const bitmaps = disks.bitmaps
+        const bitmapActions = (i: number): Array<QmpSchema.TransactionAction> => {
+          if (bitmaps === undefined) return []
+          const plan = bitmaps.plans[i]!
+          const node = nodes[i]!
+          return [
+            {
+              type: "block-dirty-bitmap-add",
+              data: {
+                node,
+                name: bitmaps.incremental.next,
+                persistent: plan.persistent,
+                granularity: bitmaps.incremental.chunkSize
+              }
+            },
+            ...(plan.base !== undefined
+              ? [{ type: "block-dirty-bitmap-disable" as const, data: { node, name: plan.base } }]
+              : [])
+          ]
+        }
+        /** Success: the frozen bitmaps are spent. Failure: fold the next ones back into them (or drop them). */
+        const settleBitmaps = (success: boolean) => {
+          if (bitmaps === undefined) return Effect.void
+          const next = bitmaps.incremental.next
+          const actions = bitmaps.plans.flatMap((plan, i): Array<QmpSchema.TransactionAction> => {
+            const node = nodes[i]!
+            if (success) {
+              return plan.base === undefined
+                ? []
+                : [{ type: "block-dirty-bitmap-remove", data: { node, name: plan.base } }]
+            }
+            return plan.base === undefined
+              ? [{ type: "block-dirty-bitmap-remove", data: { node, name: next } }]
+              : [
+                { type: "block-dirty-bitmap-merge", data: { node, target: plan.base, bitmaps: [next] } },
+                { type: "block-dirty-bitmap-enable", data: { node, name: plan.base } },
+                { type: "block-dirty-bitmap-remove", data: { node, name: next } }
+              ]
+          })
+          return actions.length === 0 ? Effect.void : bestEffort(job, exec(qmp, "Cleanup", "transaction", { actions }))
+        }
         yield* Effect.acquireRelease(
           exec(qmp, "Start", "transaction", {
-            actions: job.devices.map((_, i) => ({
-              type: "blockdev-backup",
-              data: { "job-id": perDisk[i]!.job, device: nodes[i], target: perDisk[i]!.node, sync: "none" }
-            }))
+            actions: job.devices.flatMap((_, i): Array<QmpSchema.TransactionAction> => [
+              ...bitmapActions(i),
+              {
+                type: "blockdev-backup",
+                data: { "job-id": perDisk[i]!.job, device: nodes[i]!, target: perDisk[i]!.node, sync: "none" }
+              }
+            ])
           }),
-          () => Effect.forEach(perDisk, (name) => bestEffort(job, cancelJob(qmp, name.job)), { discard: true })
+          // the exports (which hold the frozen bitmaps) are gone by now: they were set up later
+          (_, exit) =>
+            Effect.zipRight(
+              Effect.forEach(perDisk, (name) => bestEffort(job, cancelJob(qmp, name.job)), { discard: true }),
+              settleBitmaps(exit._tag === "Success")
+            )
         )
+        // what the frozen bitmaps mark dirty, for the log and the progress target
+        let bitmapInfo: ReadonlyArray<BitmapInfo> | undefined
+        if (bitmaps !== undefined) {
+          const now = yield* nodeBitmaps(qmp, "Start")
+          bitmapInfo = job.devices.map((device, i) => {
+            const plan = bitmaps.plans[i]!
+            const frozen = plan.base === undefined
+              ? undefined
+              : now.get(nodes[i]!)?.find((bitmap) => bitmap.name === plan.base)
+            return {
+              drive: device.qmdevice,
+              action: plan.action,
+              size: device.size,
+              dirty: frozen === undefined ? device.size : Math.min(frozen.count, device.size)
+            }
+          })
+        }
+        const dirtyTotal = bitmapInfo === undefined ? total : bitmapInfo.reduce((sum, info) => sum + info.dirty, 0)
 
         const socket = socketPath(options, job.vmid)
         yield* Effect.acquireRelease(
           exec(qmp, "Start", "nbd-server-start", { addr: { type: "unix", data: { path: socket } } }),
           () => Effect.zipRight(bestEffort(job, exec(qmp, "Cleanup", "nbd-server-stop")), removeFile(socket))
         )
-        for (const name of perDisk) {
+        const baseOf = (i: number) => bitmaps?.plans[i]!.base
+        for (const [i, name] of perDisk.entries()) {
+          const base = baseOf(i)
           yield* Effect.acquireRelease(
             exec(qmp, "Start", "block-export-add", {
               type: "nbd",
               id: name.exportId,
               "node-name": name.node,
               name: name.exportName,
-              writable: false
+              writable: false,
+              // a plain name is looked up along the fleece's backing chain: the live node
+              ...(base !== undefined ? { bitmaps: [base] } : {})
             }),
             () => bestEffort(job, deleteExport(qmp, name.exportId))
           )
@@ -324,10 +521,25 @@ export const make = (options: StockEngineOptions) =>
         const transfer = Effect.gen(function*() {
           const began = Date.now()
           for (const [i, name] of perDisk.entries()) {
+            const base = baseOf(i)
             yield* Effect.scoped(Effect.gen(function*() {
-              const nbd = yield* NbdClient.make({ path: socket, exportName: name.exportName, maxInFlight: concurrency })
-              yield* nbd.stream({ chunkSize, concurrency }).pipe(
+              const nbd = yield* NbdClient.make({
+                path: socket,
+                exportName: name.exportName,
+                maxInFlight: concurrency,
+                ...(base !== undefined ? { dirtyBitmap: base } : {})
+              })
+              const stream = base !== undefined
+                ? nbd.stream({ chunkSize: bitmaps!.incremental.chunkSize, concurrency, dirtyBitmap: base })
+                : nbd.stream({ chunkSize, concurrency })
+              yield* stream.pipe(
                 Stream.runForEach((chunk) => {
+                  if (chunk._tag === "Clean") {
+                    // unchanged since the base archive: not read, taken from the base
+                    return job.archive.writeReused!(i, chunk.offset, chunk.length).pipe(
+                      Effect.tap(() => Effect.sync(() => (counters.clean += chunk.length)))
+                    )
+                  }
                   const write = chunk._tag === "Data"
                     ? job.archive.writeData(i, chunk.offset, chunk.data).pipe(
                       Effect.tap(() =>
@@ -349,6 +561,11 @@ export const make = (options: StockEngineOptions) =>
               )
             }))
           }
+          // the archive's own finish (PBS: indexes, manifest, the server's finish) is part of the job
+          if (job.archive.complete !== undefined) {
+            finishing = true
+            yield* job.archive.complete.pipe(Effect.ensuring(Effect.sync(() => (finishing = false))))
+          }
         }).pipe(
           Effect.mapError((error) => engineError("Transfer", error.message)),
           Effect.raceFirst(Deferred.await(transferFailed)),
@@ -366,22 +583,24 @@ export const make = (options: StockEngineOptions) =>
         )
         const fiber = yield* Effect.forkScoped(Effect.interruptible(Effect.ignore(transfer)))
 
-        const status: Effect.Effect<BackupStatus> = Effect.sync(() => ({
+        const reused = job.archive.reused ?? Effect.sync(() => counters.clean)
+        const status: Effect.Effect<BackupStatus> = Effect.map(reused, (reused) => ({
           status: outcome?.status ?? "active",
           ...(outcome?.status === "error" ? { errmsg: outcome.errmsg } : {}),
           total,
-          dirty: total,
+          dirty: dirtyTotal,
           transferred: counters.transferred,
           "zero-bytes": counters.zero,
-          reused: 0,
+          reused,
           "start-time": startTime,
           ...(endTime !== undefined ? { "end-time": endTime } : {}),
           uuid,
-          finishing: false
+          finishing: outcome === undefined && finishing
         }))
         const running: RunningBackup = {
           uuid,
           status,
+          bitmapInfo,
           cancel: Effect.zipRight(Effect.sync(() => fail("backup canceled")), Fiber.interrupt(fiber))
         }
         return running

@@ -58,6 +58,12 @@ const cases: ReadonlyArray<Case> = [
   { name: "stream ends inside the blob area", tag: "VmaHeaderTruncated", corrupt: (b) => b.slice(0, H - 10) },
   { name: "wrong magic", tag: "VmaBadMagic", corrupt: (b) => void (b[1] = 0x00) },
   { name: "header_size without blob area", tag: "VmaBadHeaderSize", corrupt: (b) => view(b).setUint32(56, 12288) },
+  {
+    name: "header_size of 4 GiB",
+    tag: "VmaBadHeaderSize",
+    fields: { headerSize: 0xffffffff },
+    corrupt: (b) => view(b).setUint32(56, 0xffffffff)
+  },
   { name: "flipped header byte", tag: "VmaHeaderChecksumMismatch", corrupt: (b) => void (b[100] = 1) },
   {
     name: "version 2",
@@ -173,6 +179,15 @@ const cases: ReadonlyArray<Case> = [
     corrupt: (b) => {
       view(b).setUint16(H + 6, view(b).getUint16(H + 6) - 1)
       fixExtentMd5(b, H)
+    }
+  },
+  {
+    name: "block_count 65535 (not read before the check)",
+    tag: "VmaBlockCountMismatch",
+    fields: { offset: last, blockCount: 65535 },
+    corrupt: (b) => {
+      view(b).setUint16(last + 6, 65535)
+      fixExtentMd5(b, last)
     }
   },
   {

@@ -277,7 +277,8 @@ interface Slot {
  * strictly in offset order. Memory: `concurrency` chunk buffers plus whatever the consumer holds.
  */
 class ReadWindow {
-  private readonly slots: Array<Slot> = []
+  /** Slots in offset order; emitted ones before `head` are cleared, so nothing pins their buffers. */
+  private readonly slots: Array<Slot | undefined> = []
   private head = 0
   private plans: ReadonlyArray<Plan> = []
   private planAt = 0
@@ -444,12 +445,12 @@ class ReadWindow {
   takeReady(): Array<ExportChunk> | NbdRequestFailure {
     const out: Array<ExportChunk> = []
     while (this.head < this.slots.length) {
-      const slot = this.slots[this.head]
+      const slot = this.slots[this.head]!
       if (slot.error !== undefined) return out.length > 0 ? out : slot.error
       if (slot.chunk === undefined) break
       out.push(slot.chunk)
       if (slot.read) this.reads--
-      this.head++
+      this.slots[this.head++] = undefined
     }
     if (this.head > 64 && this.head * 2 > this.slots.length) {
       this.slots.splice(0, this.head)
@@ -463,7 +464,7 @@ class ReadWindow {
     this.closed = true
     this.waiter = undefined
     for (let i = this.head; i < this.slots.length; i++) {
-      for (const request of this.slots[i].requests) request.owner.cancel(request)
+      for (const request of this.slots[i]!.requests) request.owner.cancel(request)
     }
     this.slots.length = 0
     this.head = 0
