@@ -230,7 +230,8 @@ const median = (xs: ReadonlyArray<number>): number => {
 const parseSize = (s: string): number => {
   const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
   if (m === null) throw new Error(`bad size ${s}`)
-  const unit = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G" | "T"]
+  const units = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
+  const unit = units[m[2]!.toUpperCase() as keyof typeof units]
   return Math.round((Number(m[1]) * unit) / (4 * MiB)) * 4 * MiB
 }
 
@@ -518,7 +519,11 @@ const main = async () => {
     const vmaFile = path.join(dir, "out.vma")
     const vmaJob = (o: typeof recommended): ReadJob => ({ ...readJob(mixed.virtdev, o), mode: "vma", vma: vmaFile })
     const cases: Array<{ name: string; run: () => Promise<Sample>; group: "mixed" | "sparse" | "vma" }> = [
-      { name: "(a) nbdcopy null: (4 conns)", group: "mixed", run: () => runTimed("nbdcopy", [uri(mixed.virtdev), "null:"]) },
+      {
+        name: "(a) nbdcopy null: (4 conns)",
+        group: "mixed",
+        run: () => runTimed("nbdcopy", [uri(mixed.virtdev), "null:"])
+      },
       {
         name: "    nbdcopy --connections=1",
         group: "mixed",
@@ -526,8 +531,16 @@ const main = async () => {
       },
       { name: "(b) ours, engine's call today", group: "mixed", run: () => runJob(readJob(mixed.virtdev, engineToday)) },
       { name: "    ours, + release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, recommended)) },
-      { name: "    ours, 2 conns, conc 4, release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, twoConns)) },
-      { name: "    ours, 4 conns, conc 8, release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, fourConns)) },
+      {
+        name: "    ours, 2 conns, conc 4, release",
+        group: "mixed",
+        run: () => runJob(readJob(mixed.virtdev, twoConns))
+      },
+      {
+        name: "    ours, 4 conns, conc 8, release",
+        group: "mixed",
+        run: () => runJob(readJob(mixed.virtdev, fourConns))
+      },
       {
         name: "(c) ours → VmaWriter file, no release",
         group: "vma",
@@ -550,7 +563,11 @@ const main = async () => {
       { name: "    dense: nbdcopy", group: "sparse", run: () => runTimed("nbdcopy", [uri(dense.virtdev), "null:"]) },
       { name: "    sparse: ours, release", group: "sparse", run: () => runJob(readJob(sparse.virtdev, recommended)) },
       { name: "    dense: ours, release", group: "sparse", run: () => runJob(readJob(dense.virtdev, recommended)) },
-      { name: "    sparse: ours, engine's call", group: "sparse", run: () => runJob(readJob(sparse.virtdev, engineToday)) }
+      {
+        name: "    sparse: ours, engine's call",
+        group: "sparse",
+        run: () => runJob(readJob(sparse.virtdev, engineToday))
+      }
     ]
     const samples = new Map<string, Array<Sample>>(cases.map((c) => [c.name, []]))
     for (let round = 0; round < runs; round++) {
@@ -614,7 +631,8 @@ const main = async () => {
     }
     out(
       "\nours = child process: connect + stream, excluding Node start-up; 'before' = its RSS after loading and\n" +
-        "connecting (Node, tsx, Effect). '(c) StockEngine' covers fleece set-up, transfer, commit (not QEMU start).\n"
+        "connecting (Node, tsx, Effect). '(c) StockEngine' covers prepare, fleece set-up, transfer, commit and\n" +
+        "cleanup, not QEMU start; it still reads as the engine does today (1 connection, no release).\n"
     )
   } finally {
     if (qemu !== undefined) await killByPid(qemu.child)

@@ -681,7 +681,7 @@ describe("NbdClient with several connections and reused buffers", () => {
       assert.deepStrictEqual(yield* three.extents(0, SIZE), yield* one.extents(0, SIZE))
     }), TIMEOUT)
 
-  it.scopedLive.skipIf(!hasQemu)("released buffers are reused, holes in them read as zeros, double release is harmless", () =>
+  it.scopedLive.skipIf(!hasQemu)("released buffers are reused, their holes read as zeros, double release is safe", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const img = yield* makeImage(dir)
@@ -701,7 +701,8 @@ describe("NbdClient with several connections and reused buffers", () => {
       // only when the next Data chunk has arrived, and released (twice) then
       let previous: NbdClient.DataChunk | undefined
       const check = (c: NbdClient.DataChunk) => {
-        assert.isTrue(Buffer.from(c.data).equals(img.bytes.subarray(c.offset, c.offset + c.length)), `chunk ${c.offset}`)
+        const expected = img.bytes.subarray(c.offset, c.offset + c.length)
+        assert.isTrue(Buffer.from(c.data).equals(expected), `chunk ${c.offset}`)
         c.release()
         c.release()
       }
@@ -780,28 +781,41 @@ describe("NbdClient with several connections and reused buffers", () => {
       const concurrency = 5
       const slow = 1
       let maxWhileHeld = -1
-      let held = true
-      type Conn = { socket: Net.Socket; outstanding: Array<{ cookie: Buffer; offset: number; length: number }> }
-      const answer = (conn: Conn, r: { cookie: Buffer; offset: number; length: number }) => {
+      let held: (() => void) | undefined
+      type Request = { cookie: Buffer; offset: number; length: number }
+      type Conn = { socket: Net.Socket; outstanding: Array<Request> }
+      const answer = (conn: Conn, r: Request) => {
         conn.outstanding.splice(conn.outstanding.indexOf(r), 1)
         conn.socket.write(chunk(r.cookie, 1, 1, offsetData(r.offset, fakeContent(r.offset, r.length))))
+      }
+      const release = () => {
+        const answerHeld = held
+        held = undefined
+        answerHeld?.()
       }
       yield* fakeServer(socket, {
         size,
         scenario: (req, conn) => {
-          if (held) maxWhileHeld = Math.max(maxWhileHeld, req.offset / chunkSize)
-          if (req.offset !== slow * chunkSize) return answer(conn, req)
-          // chunk 1 is answered after a pause, every other one at once
-          setTimeout(() => {
-            held = false
-            answer(conn, req)
-          }, 300)
+          const index = req.offset / chunkSize
+          if (index === slow) {
+            // chunk 1 waits until the window is full (plus 300 ms for any excess request), at most 5 s
+            held = () => answer(conn, req)
+            setTimeout(release, 5000)
+            return
+          }
+          if (held !== undefined) {
+            maxWhileHeld = Math.max(maxWhileHeld, index)
+            if (index === slow + concurrency - 1) setTimeout(release, 300)
+          }
+          answer(conn, req)
         }
       })
       const client = yield* NbdClient.make({ path: socket, connections: 2 })
       // a slow consumer: the stream is pulled again while chunk 1 is missing and later ones have arrived
       const result = yield* hashStream(
-        client.stream({ chunkSize, concurrency, useAllocation: false }).pipe(Stream.tap(() => Effect.sleep("20 millis"))),
+        client.stream({ chunkSize, concurrency, useAllocation: false }).pipe(
+          Stream.tap(() => Effect.sleep("20 millis"))
+        ),
         1
       ).pipe(Effect.timeoutFail({ duration: "10 seconds", onTimeout: () => new Error("stalled") }))
       assert.strictEqual(result.sha256, Crypto.createHash("sha256").update(fakeContent(0, size)).digest("hex"))
