@@ -7,10 +7,12 @@
  *    pinned by fingerprint, API-token login) with its datastore `demo` in <dir>, in PBS's on-disk layout;
  * 2. creates VM 100 (a 64 MiB qcow2 and a 32 MiB raw disk with data and holes) and starts it on stock QEMU;
  * 3. backs it up with the full workflow (fleecing point in time, NBD pull, 4 MiB chunks, dedup) as
- *    snapshot `vm/100/<time>`, printing vzdump's log lines, and uploads the log as `client.log.blob`;
- * 4. the guest writes 6 MiB through its disk devices; then a second backup, which uploads only the
- *    chunks the server does not have yet (`backup was done incrementally, reused …`); right after its
- *    point in time the guest writes again, as a busy guest would;
+ *    snapshot `vm/100/<time>`, printing vzdump's log lines; the log goes up as `client.log.blob`; a
+ *    dirty bitmap per disk starts recording the guest's writes (persistent in the qcow2 image);
+ * 4. the guest writes 6 MiB through its disk devices; then a second backup, which reads only the
+ *    chunks the bitmaps mark dirty and takes the rest from the first snapshot (`dirty-bitmap status`,
+ *    `backup was done incrementally, reused …`); right after its point in time the guest writes
+ *    again, as a busy guest would;
  * 5. restores the second snapshot through the reader protocol and proves each disk equals the VM's
  *    disk at that snapshot's point in time (not the content written afterwards);
  * 6. stops the VM and removes its working files; the datastore stays in <dir>.
@@ -112,9 +114,6 @@ const program = Effect.gen(function*() {
         Layer.succeed(BackupTarget, target),
         reporter
       ))
-    )
-    yield* target.uploadLog(result.archive.location, result.logLines).pipe(
-      Effect.catchAll((error) => say(`WARN: unable to upload the log - ${error.message}`))
     )
     const after = yield* server.stats
     return {

@@ -3,119 +3,36 @@
  * to the in-repo PBS test server over loopback, restored through the reader protocol.
  */
 import { assert, describe, it } from "@effect/vitest"
-import { Effect, Layer, Redacted } from "effect"
+import { Effect } from "effect"
 import * as crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import { existsSync, readdirSync } from "node:fs"
 import * as BackupJob from "@vzdump/core/BackupJob"
-import * as BackupReporter from "@vzdump/core/BackupReporter"
-import { BackupTarget } from "@vzdump/core/BackupTarget"
 import * as CryptConfig from "@vzdump/target-pbs/CryptConfig"
+import * as DataBlob from "@vzdump/target-pbs/DataBlob"
 import * as Manifest from "@vzdump/target-pbs/Manifest"
-import * as PbsClient from "@vzdump/target-pbs/PbsClient"
 import * as PbsTarget from "@vzdump/target-pbs/PbsTarget"
 import * as PbsVmRestore from "@vzdump/target-pbs/PbsVmRestore"
-import * as PbsTestServer from "@vzdump/target-pbs/testing/PbsTestServer"
+import { imageBytes, makeTestHost, qmp, runState, sha256 } from "./utils/env.js"
 import {
-  deviceWrite,
-  imageBytes,
-  makeTestHost,
-  qmp,
-  run,
-  runState,
-  sha256,
-  startVm as startRunning,
-  stopOnExit,
-  type TestHost
-} from "./utils/env.js"
-
-const reporter = process.env.VZDUMP_TEST_LOG ? BackupReporter.layerStderr : BackupReporter.layerSilent
-const MiB = 1024 * 1024
-const CS = 4 * MiB
-const TOKEN = "backup@pbs!e2e"
-const SECRET = "e2e-s3cret"
-
-/** A PBS test server with its datastore in the host's temp dir, and a pinned client. */
-const startPbs = (host: TestHost, options: Partial<PbsTestServer.PbsTestServerOptions> = {}) =>
-  Effect.gen(function*() {
-    const store = `${host.dir}/pbs`
-    const server = yield* PbsTestServer.make({
-      datastores: [{ name: "store1", path: store }],
-      tokens: [{ tokenid: TOKEN, secret: Redacted.make(SECRET) }],
-      ...options
-    })
-    const client = yield* PbsClient.make({
-      host: "127.0.0.1",
-      port: server.port,
-      datastore: "store1",
-      auth: { _tag: "ApiToken", tokenId: TOKEN, secret: Redacted.make(SECRET) },
-      fingerprint: server.fingerprint
-    })
-    return { server, client, store }
-  })
-
-/**
- * VM `vmid`: a 16 MiB qcow2 (chunks: pattern, pattern, hole, hole) and an 8 MiB raw (pattern, hole),
- * patterns unique to the VM; started and running (SeaBIOS finds nothing to boot and never writes).
- */
-const createVm = (host: TestHost, vmid: number) =>
-  Effect.gen(function*() {
-    const disk0 = `${host.dir}/vm-${vmid}-disk-0.qcow2`
-    const disk1 = `${host.dir}/vm-${vmid}-disk-1.raw`
-    yield* Effect.promise(async () => {
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", disk0, "16M"])
-      await run("qemu-img", ["create", "-q", "-f", "raw", disk1, "8M"])
-    })
-    const p = (n: number) => `0x${((vmid * 7 + n) & 0xff).toString(16)}`
-    yield* host.qemuIo(disk0, "qcow2", [`write -P ${p(1)} 0 3M`, `write -P ${p(2)} 5M 1M`])
-    yield* host.qemuIo(disk1, "raw", [`write -P ${p(3)} 1M 2M`])
-    yield* host.writeConfig(
-      vmid,
-      `name: pbs-e2e\nagent: 0\nmemory: 128\nscsi0: ${disk0},size=16M\nvirtio1: ${disk1},size=8M\n`
-    )
-    const content = yield* Effect.promise(() =>
-      Promise.all([imageBytes(disk0, "qcow2", host.dir), imageBytes(disk1, "raw", host.dir)])
-    )
-    yield* host.killOnExit(vmid)
-    yield* stopOnExit(vmid)
-    yield* startRunning(vmid)
-    return { disk0, disk1, content }
-  })
-
-/** HMP `qemu-io` through the VM's devices (a guest write, seen by the backup filter and the disk). */
-const guestWrite = (vmid: number, device: "scsi0" | "virtio1", pattern: number, offset: number, length: number) =>
-  deviceWrite(
-    vmid,
-    device === "virtio1" ? "virtio1/virtio-backend" : device,
-    `write -P 0x${pattern.toString(16)} ${offset} ${length}`
-  )
-
-const withTarget = (target: PbsTarget.PbsTargetService) =>
-  Layer.mergeAll(Layer.succeed(BackupTarget, target), reporter)
-
-const restored = (
-  client: PbsClient.PbsClientService,
-  options: Omit<PbsVmRestore.RestoreVmOptions, "directory">,
-  dir: string
-) =>
-  Effect.gen(function*() {
-    const vm = yield* PbsVmRestore.restoreVm(client, { ...options, directory: dir })
-    const disks = yield* Effect.promise(() => Promise.all(vm.disks.map((d) => Fs.readFile(d.path))))
-    return { vm, disks }
-  })
-
-const lineOf = (lines: ReadonlyArray<string>, prefix: string) =>
-  lines.map((line) => line.replace(/^\S+ \S+ /, "")).find((line) => line.startsWith(prefix))
-
-/** Seconds pass between backups: a group's snapshots need strictly newer backup times. */
-const nextSecond = Effect.sleep("1100 millis")
+  createVm,
+  CS,
+  guestWrite,
+  lineOf,
+  MiB,
+  nextSecond,
+  restored,
+  startPbs,
+  withTarget
+} from "./utils/pbs.js"
 
 describe("backups of a running stock-QEMU VM to PBS", () => {
-  it.scopedLive("full backup restores to the source; the next one uploads only the chunks the guest changed", () =>
+  it.scopedLive("full backup restores to the source; without bitmaps the next one still uploads only new chunks", () =>
     Effect.gen(function*() {
       const host = yield* makeTestHost()
       const { client, server, store } = yield* startPbs(host)
-      const target = yield* PbsTarget.make(client)
+      // dedup against the previous index only: every chunk is read and hashed
+      const target = yield* PbsTarget.make(client, { dirtyBitmaps: false })
       yield* Effect.gen(function*() {
         const vmid = 111
         const vm = yield* createVm(host, vmid)
@@ -130,8 +47,11 @@ describe("backups of a running stock-QEMU VM to PBS", () => {
           lineOf(first.logLines, "INFO: creating Proxmox Backup Server archive"),
           `INFO: creating Proxmox Backup Server archive '${first.archive.location}'`
         )
-        yield* target.uploadLog(first.archive.location, first.logLines)
         const firstDir = `${store}/${first.archive.location}`
+        // the workflow uploaded the per-guest log after the backup (vzdump's upload-log)
+        const log = yield* DataBlob.decode(yield* Effect.promise(() => Fs.readFile(`${firstDir}/client.log.blob`)))
+        assert.match(log.toString("utf8"), /^\S+ \S+ INFO: Starting Backup of VM 111 \(qemu\)\n/)
+        assert.match(log.toString("utf8"), /\S+ \S+ INFO: Finished Backup of VM 111 \(\d\d:\d\d:\d\d\)\n$/)
         assert.deepStrictEqual(readdirSync(firstDir).sort(), [
           "client.log.blob",
           "drive-scsi0.img.fidx",
@@ -154,6 +74,9 @@ describe("backups of a running stock-QEMU VM to PBS", () => {
         const secondStats = yield* server.stats
         assert.strictEqual(secondStats.chunkUploads - firstStats.chunkUploads, 3, "exactly the 3 changed chunks")
         assert.strictEqual(secondStats.duplicateChunks, 0)
+        // every chunk was read and hashed: no bitmap was involved
+        assert.isDefined(lineOf(second.logLines, "INFO: transferred 24.00 MiB in"))
+        assert.isUndefined(lineOf(second.logLines, "INFO: scsi0: dirty-bitmap status"))
         const committed = yield* target.committed
         assert.strictEqual(committed[1]!.reused, 24 * MiB - 3 * CS)
         assert.strictEqual(

@@ -18,6 +18,9 @@ describe("examples", () => {
       assert.strictEqual(archives.length, 2)
       assert.strictEqual((stdout.match(/INFO: Finished Backup of VM 100 \(\d\d:\d\d:\d\d\)/g) ?? []).length, 2)
       // the guest's writes touch 4 chunks (2 per disk) of 24: only those are uploaded the second time
+      assert.include(stdout, "INFO: scsi0: dirty-bitmap status: OK (8.0 MiB of 64.0 MiB dirty)")
+      assert.include(stdout, "INFO: virtio1: dirty-bitmap status: OK (8.0 MiB of 32.0 MiB dirty)")
+      assert.include(stdout, "INFO: using fast incremental mode (dirty-bitmap), 16.0 MiB dirty of 96.0 MiB total")
       assert.include(stdout, "backup 2: backup was done incrementally, reused 80.00 MiB (83%)")
       assert.match(stdout, /backup 2 \(vm\/100\/\S+\): 4 chunks uploaded/)
       assert.match(stdout, /scsi0: restored (\w+) {2}at snapshot \1 {2}live now \w+ {2}MATCH/)

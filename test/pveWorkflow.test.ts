@@ -173,6 +173,9 @@ describe.skipIf(!hasQemu)("workflow + Proxmox engine + Proxmox-host profile (emu
       const lines = strip(result.logLines)
       assert.isTrue(lines.some((line) => line.startsWith("INFO: creating Proxmox Backup Server archive 'vm/100/")))
       assert.isFalse(lines.some((line) => line.includes("pw-1")), "the password is never logged")
+      // query-pbs-bitmap-info reaches the workflow's progress loop
+      assert.include(lines, "INFO: scsi0: dirty-bitmap status: created new")
+      assert.include(lines, "INFO: virtio1: dirty-bitmap status: created new")
       assert.strictEqual(result.status.status, "done")
       assert.isTrue(node.argv().some((call) => call[1] === "stop"))
     }), TIMEOUT)

@@ -238,8 +238,14 @@ const awaitJob = (job: RunningBackup, engine: string, log: JobLog, isTemplate: b
 
 const QEMU_IOTHREAD_BACKUP = { major: 4, minor: 0, micro: 1 }
 
+/** What the workflow keeps of the archive session for after its scope: where the log goes. */
+interface OpenedArchive {
+  logPath?: string | undefined
+  uploadLog?: ((log: string) => Effect.Effect<void, unknown>) | undefined
+}
+
 /** The scoped body: everything between the config check and the committed archive. */
-const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { logPath?: string | undefined }) =>
+const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: OpenedArchive) =>
   Effect.gen(function*() {
     const vmid = options.vmid
     const store = yield* ConfigStore.ConfigStore
@@ -371,6 +377,7 @@ const run = (options: BackupOptions, log: JobLog, startTime: Date, opened: { log
       devices: devices.map((device) => ({ name: device.qmdevice, size: device.size }))
     })
     opened.logPath = archive.logPath
+    opened.uploadLog = archive.uploadLog
     yield* log.info(archive.openedLine)
 
     // -- the QEMU part (qemu-server's `archive`) --------------------------------------------------
@@ -528,7 +535,7 @@ export const backupVm = (
       yield* log.info(VzdumpLog.Messages.startingBackup(vmid))
       yield* log.taskInfo(VzdumpLog.Messages.backupStartedAt(startTime, options.timeZone))
       // the per-guest log file goes beside the archive, on success and on failure
-      const opened: { logPath?: string | undefined } = {}
+      const opened: OpenedArchive = {}
       const outcome = yield* restore(Effect.scoped(run(options, log, startTime, opened))).pipe(Effect.exit)
       const endMillis = yield* Clock.currentTimeMillis
       const elapsed = Math.floor(endMillis / 1000) - Math.floor(startMillis / 1000)
@@ -536,6 +543,13 @@ export const backupVm = (
         yield* log.info(VzdumpLog.Messages.finishedBackup(vmid, elapsed))
         yield* log.taskInfo(VzdumpLog.Messages.backupFinishedAt(new Date(endMillis), options.timeZone))
         yield* writeLogFile(opened.logPath, log)
+        if (opened.uploadLog !== undefined) {
+          // vzdump's `upload-log` of a PBS backup: a failure is a warning, the backup stands
+          const text = `${log.fileLines.join("\n")}\n`
+          yield* opened.uploadLog(text).pipe(
+            Effect.catchAll((error) => log.warn(`unable to upload the backup log - ${messageOf(error)}`))
+          )
+        }
         return {
           vmid,
           archive: outcome.value.archive,

@@ -154,6 +154,12 @@ export interface ArchiveSession {
    * engine did not.
    */
   readonly complete?: Effect.Effect<void, BackupTargetError> | undefined
+  /**
+   * Stores the per-guest log (the log file's text) with the archive after a successful backup, for
+   * targets without a log file beside the archive (PBS: `client.log.blob`). Called after the
+   * session's scope has closed.
+   */
+  readonly uploadLog?: ((log: string) => Effect.Effect<void, BackupTargetError>) | undefined
 }
 
 /**

@@ -134,6 +134,8 @@ export interface ReaderProtocol {
  * @category models
  */
 export interface PbsClientService {
+  readonly host: string
+  readonly port: number
   readonly datastore: string
   /** `user@realm` or `user@realm!token`. */
   readonly authId: string
@@ -386,6 +388,8 @@ export const make = Effect.fn("PbsClient.make")(function*(options: PbsClientOpti
     }).pipe(Effect.withSpan("PbsClient.openReader", { attributes: { snapshot: Snapshot.snapshotPath(snapshot) } }))
 
   const service = PbsClient.of({
+    host: options.host,
+    port: endpoint.port,
     datastore: options.datastore,
     authId,
     version: api("GET", "/version", Schema.Struct({ version: Schema.String, release: Schema.String })),

@@ -92,6 +92,27 @@ export interface SnapshotWriterOptions {
 }
 
 /**
+ * A drive's counters so far.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface DriveStats {
+  /** Chunks sent over the network. */
+  readonly uploadedChunks: number
+  /** Encoded bytes sent. */
+  readonly uploadedBytes: number
+  /** Slots that referenced a chunk the server already knew (no upload). */
+  readonly knownChunks: number
+  /** Full-size zero slots. */
+  readonly zeroChunks: number
+  /** Slots given as `reuse`. */
+  readonly reusedChunks: number
+  /** Image bytes whose chunk was not sent (see `DriveResult.reusedBytes`). */
+  readonly reusedBytes: number
+}
+
+/**
  * @since 0.1.0
  * @category models
  */
@@ -145,6 +166,8 @@ export interface DriveWriter {
   readonly incremental: boolean
   /** Feeds the next slot; waits while the upload window is full. */
   readonly write: (chunk: ChunkInput) => Effect.Effect<void, PbsError>
+  /** The counters so far. */
+  readonly stats: Effect.Effect<DriveStats>
   /** Waits for the uploads, registers the rest and closes the index. */
   readonly close: Effect.Effect<DriveResult, PbsError>
 }
@@ -443,6 +466,7 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
         hasPrevious: previous !== undefined,
         incremental,
         write,
+        stats: Effect.sync((): DriveStats => ({ ...stats })),
         close
       } satisfies DriveWriter
     }).pipe(Effect.tapError(recordFailure))

@@ -7,13 +7,19 @@
  *   device, any piece size) are gathered into whole chunks; zero chunks are not sent, and chunks
  *   the server already has in the group's previous snapshot are referenced, not uploaded;
  * - optional client-side encryption with a key (file or loaded) and an RSA master key;
+ * - dirty-bitmap incrementals with engines that track changes (the stock engine): the session names
+ *   per disk the bitmap `vzdump-<target id>-<backup time of the group's latest snapshot>`, offered
+ *   only when that snapshot has the disk with a verified index of the same size and crypt mode;
+ *   unchanged chunks are then taken from its index (`reuse-csum`) without being read or sent;
  * - vzdump's log lines: `creating Proxmox Backup Server archive 'vm/<vmid>/<time>'`,
- *   `enabling encryption [with master key feature]`, and after the commit
- *   `backup was done incrementally, reused X (P%)`.
+ *   `enabling encryption [with master key feature]`; the bytes not sent are reported to the engine
+ *   (`reused`, hence `backup was done incrementally, reused X (P%)`), and the server's finish runs
+ *   as the last step of the job (`complete`).
  *
- * The task log goes to the snapshot as `client.log.blob` after a successful backup through
- * `PbsTarget.uploadLog` (vzdump's `upload-log`). Closing the session's scope without `commit`
- * closes the backup connection, and the server discards the unfinished snapshot.
+ * The per-guest log goes to the snapshot as `client.log.blob` after a successful backup (vzdump's
+ * `upload-log`; the workflow calls the session's `uploadLog`, `PbsTarget.uploadLog` does it by
+ * hand). Closing the session's scope without `commit` closes the backup connection, and the server
+ * discards the unfinished snapshot.
  *
  * @since 0.1.0
  */
@@ -24,11 +30,11 @@ import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import type * as Redacted from "effect/Redacted"
+import * as crypto from "node:crypto"
 import * as fs from "node:fs"
 import { BackupTarget, BackupTargetError } from "@vzdump/core/BackupTarget"
-import type { ArchiveSession, BackupTargetService } from "@vzdump/core/BackupTarget"
+import type { ArchiveIncremental, ArchiveSession, BackupTargetService } from "@vzdump/core/BackupTarget"
 import * as VzdumpLog from "@vzdump/core/VzdumpLog"
-import * as VzdumpProgress from "@vzdump/core/VzdumpProgress"
 import * as CryptConfig from "./CryptConfig.js"
 import * as FixedIndex from "./FixedIndex.js"
 import * as KeyConfig from "./KeyConfig.js"
@@ -58,6 +64,13 @@ export interface PbsTargetOptions {
   readonly uploadConcurrency?: number | undefined
   /** Deduplicate against the group's previous snapshot. Default true. */
   readonly usePrevious?: boolean | undefined
+  /** Offer dirty-bitmap incrementals to the engine. Default true (needs `usePrevious`). */
+  readonly dirtyBitmaps?: boolean | undefined
+  /**
+   * The target's id in bitmap names (`vzdump-<id>-<time>`), like a PVE storage id; letters, digits,
+   * `_`, `.`, `-`. Default: derived from the server, datastore, namespace and key fingerprint.
+   */
+  readonly id?: string | undefined
 }
 
 /**
@@ -143,6 +156,34 @@ export const archiveNameOf = (device: string): string => Snapshot.driveArchiveNa
 export const blobNameOf = (config: string): string =>
   config === "qemu-server.fw" || config === "fw.conf" ? "fw.conf.blob" : `${config}.blob`
 
+/**
+ * The default target id: 12 hex digits of a hash of what makes snapshots comparable (server,
+ * datastore, namespace, key).
+ *
+ * @since 0.1.0
+ * @category names
+ */
+export const defaultId = (
+  client: Pick<PbsClient.PbsClientService, "host" | "port" | "datastore">,
+  options: { readonly namespace?: string | undefined; readonly keyFingerprint?: string | undefined }
+): string =>
+  crypto.createHash("sha256")
+    .update(
+      `pbs\n${client.host}\n${client.port}\n${client.datastore}\n${options.namespace ?? ""}\n${
+        options.keyFingerprint ?? ""
+      }`
+    )
+    .digest("hex")
+    .slice(0, 12)
+
+/**
+ * The bitmap that records a disk's changes since snapshot `backupTime` of this target.
+ *
+ * @since 0.1.0
+ * @category names
+ */
+export const bitmapName = (id: string, backupTime: number): string => `vzdump-${id}-${backupTime}`
+
 /** One device of an open session: the drive writer and the chunk being gathered. */
 interface DeviceState {
   readonly name: string
@@ -188,6 +229,11 @@ export const make = Effect.fn("PbsTarget.make")(function*(
   if (options.namespace !== undefined && Snapshot.parseNamespace(options.namespace) === undefined) {
     return yield* new PbsClientError({ reason: "InvalidInput", detail: `invalid namespace '${options.namespace}'` })
   }
+  if (options.id !== undefined && !Snapshot.isSafeId(options.id)) {
+    return yield* new PbsClientError({ reason: "InvalidInput", detail: `invalid target id '${options.id}'` })
+  }
+  const id = options.id ?? defaultId(client, { namespace: options.namespace, keyFingerprint: crypt?.fingerprint })
+  const bitmaps = (options.dirtyBitmaps ?? true) && (options.usePrevious ?? true)
   const committed: Array<CommittedSnapshot> = []
 
   const open: BackupTargetService["open"] = (request) =>
@@ -221,6 +267,20 @@ export const make = Effect.fn("PbsTarget.make")(function*(
           pendingHasData: false
         })
       }
+
+      // the bitmap a disk needs for an incremental: the one of the group's latest snapshot, when that
+      // snapshot has the disk with a verified index this archive can build on
+      const previousTime = writer.previousManifest?.["backup-time"]
+      const incremental: ArchiveIncremental | undefined = bitmaps
+        ? {
+          chunkSize: CS,
+          prefix: `vzdump-${id}-`,
+          next: bitmapName(id, backupTime),
+          base: devices.map((state) =>
+            previousTime !== undefined && state.drive.incremental ? bitmapName(id, previousTime) : undefined
+          )
+        }
+        : undefined
 
       const stateOf = (device: number, offset: number, length: number) => {
         const state = devices[device]
@@ -294,6 +354,22 @@ export const make = Effect.fn("PbsTarget.make")(function*(
 
       const snapshot = writer.snapshot
       const path = Snapshot.snapshotPath(snapshot)
+      let finished: PbsSnapshotWriter.SnapshotResult | undefined
+      /** Every byte written: close the indexes, upload the manifest, the server's finish. */
+      const complete = Effect.gen(function*() {
+        if (finished !== undefined) return
+        for (const state of devices) {
+          if (state.position !== state.size) {
+            return yield* new BackupTargetError({
+              target: NAME,
+              reason: "Commit",
+              detail: `${state.name}: ${state.position} of ${state.size} bytes written`
+            })
+          }
+        }
+        for (const state of devices) yield* Effect.mapError(state.drive.close, targetError("Commit"))
+        finished = yield* Effect.mapError(writer.finish, targetError("Commit"))
+      })
       const session: ArchiveSession = {
         openedLine: [
           VzdumpLog.Messages.creatingPbsArchive(`vm/${request.vmid}/${Snapshot.formatBackupTime(backupTime)}`),
@@ -305,18 +381,42 @@ export const make = Effect.fn("PbsTarget.make")(function*(
           Effect.flatMap(stateOf(device, offset, data.length), (state) => feed(state, data, data.length)),
         writeZeros: (device, offset, length) =>
           Effect.flatMap(stateOf(device, offset, length), (state) => feed(state, undefined, length)),
+        incremental,
+        writeReused: incremental === undefined ? undefined : (device, offset, length) =>
+          Effect.flatMap(stateOf(device, offset, length), (state) =>
+            Effect.gen(function*() {
+              if (!state.drive.incremental || state.filled !== 0 || offset % CS !== 0) {
+                return yield* new BackupTargetError({
+                  target: NAME,
+                  reason: "Invalid",
+                  detail: state.drive.incremental
+                    ? `${state.name}: reused range at ${offset} is not a whole chunk`
+                    : `${state.name}: no base snapshot to reuse chunks from`
+                })
+              }
+              const end = offset + length
+              while (state.position < end) {
+                const slot = state.position / CS
+                const slotLength = FixedIndex.chunkLength(state.size, slot)
+                if (state.position + slotLength > end) {
+                  return yield* new BackupTargetError({
+                    target: NAME,
+                    reason: "Invalid",
+                    detail: `${state.name}: reused range ${offset}+${length} ends inside a chunk`
+                  })
+                }
+                yield* put(state, PbsSnapshotWriter.reuse(slot))
+                state.position += slotLength
+              }
+            })),
+        reused: Effect.map(
+          Effect.forEach(devices, (state) => state.drive.stats),
+          (stats) => stats.reduce((sum, s) => sum + s.reusedBytes, 0)
+        ),
+        complete,
+        uploadLog: (text) => uploadLogText(path, text),
         commit: Effect.gen(function*() {
-          for (const state of devices) {
-            if (state.position !== state.size) {
-              return yield* new BackupTargetError({
-                target: NAME,
-                reason: "Commit",
-                detail: `${state.name}: ${state.position} of ${state.size} bytes written`
-              })
-            }
-          }
-          for (const state of devices) yield* Effect.mapError(state.drive.close, targetError("Commit"))
-          const result = yield* Effect.mapError(writer.finish, targetError("Commit"))
+          const result = finished ?? (yield* complete.pipe(Effect.zipRight(Effect.sync(() => finished!))))
           const total = devices.reduce((sum, state) => sum + state.size, 0)
           const reused = result.drives.reduce((sum, drive) => sum + drive.reusedBytes, 0)
           const uploaded = result.drives.reduce((sum, drive) => sum + drive.uploadedBytes, 0)
@@ -325,16 +425,13 @@ export const make = Effect.fn("PbsTarget.make")(function*(
             `${path}: ${result.drives.reduce((sum, drive) => sum + drive.uploadedChunks, 0)} chunks ` +
               `(${uploaded} bytes) uploaded, ${reused} of ${total} bytes reused`
           )
-          return {
-            location: path,
-            logLines: reused > 0 ? [VzdumpProgress.reusedLine(reused, total)] : []
-          }
+          return { location: path, logLines: [] }
         })
       }
       return session
     }).pipe(Effect.annotateLogs({ package: "@vzdump/target-pbs", module: "PbsTarget" }))
 
-  const uploadLog = (location: string, lines: ReadonlyArray<string>) =>
+  const uploadLogText = (location: string, text: string) =>
     Effect.gen(function*() {
       const entry = committed.find((c) => c.path === location)
       if (entry === undefined) {
@@ -344,11 +441,13 @@ export const make = Effect.fn("PbsTarget.make")(function*(
           detail: `no snapshot '${location}' was committed through this target`
         })
       }
-      const text = lines.length === 0 ? "" : `${lines.join("\n")}\n`
       yield* PbsSnapshotWriter.uploadLog(client, entry.snapshot, text, entry.encrypted ? crypt : undefined).pipe(
         Effect.mapError(targetError("Commit"))
       )
     })
+
+  const uploadLog = (location: string, lines: ReadonlyArray<string>) =>
+    uploadLogText(location, lines.length === 0 ? "" : `${lines.join("\n")}\n`)
 
   return PbsTarget.of({
     name: NAME,

@@ -96,7 +96,8 @@ describe("PbsTarget", () => {
       const second = yield* backup(target, disks, T0 + 60, CS)
       assert.strictEqual((yield* server.stats).chunkUploads, 5)
       const total = disks[0]!.length + disks[1]!.length
-      assert.deepStrictEqual(second.result.logLines, [`backup was done incrementally, reused 14.00 MiB (100%)`])
+      assert.deepStrictEqual(second.result.logLines, [])
+      assert.strictEqual(yield* second.session.reused!, total)
       const committed = yield* target.committed
       assert.strictEqual(committed.length, 2)
       assert.strictEqual(committed[1]!.reused, total)
@@ -135,6 +136,73 @@ describe("PbsTarget", () => {
         assert.strictEqual(sha(back.subarray(0, disks[i]!.length)), sha(disks[i]!))
         assert.isTrue(back.subarray(disks[i]!.length).every((b) => b === 0))
       }
+    }), 60_000)
+
+  it.scopedLive("names the base bitmap of the latest snapshot and takes unchanged chunks from its index", () =>
+    Effect.gen(function*() {
+      const { dir, server } = yield* startServer()
+      const client = yield* makeClient(server)
+      const target = yield* PbsTarget.make(client, { id: "lab1" })
+      const disks = makeDisks()
+
+      const first = yield* Effect.scoped(Effect.gen(function*() {
+        const session = yield* target.open(request(disks, T0))
+        assert.deepStrictEqual(session.incremental, {
+          chunkSize: CS,
+          prefix: "vzdump-lab1-",
+          next: `vzdump-lab1-${T0}`,
+          base: [undefined, undefined]
+        })
+        const noBase = yield* Effect.flip(session.writeReused!(0, 0, CS))
+        assert.include(noBase.detail, "no base snapshot")
+        for (const [i, disk] of disks.entries()) yield* feed(session, i, disk, CS)
+        yield* session.complete!
+        return yield* session.commit
+      }))
+      assert.strictEqual(first.location, "vm/100/2024-06-05T12:00:00Z")
+
+      // the guest changed scsi0's chunk 2; everything else is reused from the first snapshot
+      const changed = Buffer.from(disks[0]!)
+      changed.fill(0x77, 2 * CS + 100, 2 * CS + 200)
+      const before = (yield* server.stats).chunkUploads
+      const second = yield* Effect.scoped(Effect.gen(function*() {
+        const session = yield* target.open(request([changed, disks[1]!], T0 + 60))
+        assert.deepStrictEqual(session.incremental?.base, [`vzdump-lab1-${T0}`, `vzdump-lab1-${T0}`])
+        assert.strictEqual(session.incremental?.next, `vzdump-lab1-${T0 + 60}`)
+        const inside = yield* Effect.flip(session.writeReused!(0, 0, CS / 2))
+        assert.include(inside.detail, "ends inside a chunk")
+        yield* session.writeReused!(0, 0, 2 * CS)
+        yield* session.writeData(0, 2 * CS, changed.subarray(2 * CS, 3 * CS))
+        yield* session.writeReused!(0, 3 * CS, 123)
+        yield* session.writeReused!(1, 0, disks[1]!.length)
+        assert.strictEqual(yield* session.reused!, 2 * CS + 123 + disks[1]!.length)
+        return yield* session.commit
+      }))
+      assert.strictEqual((yield* server.stats).chunkUploads - before, 1, "only the changed chunk")
+      assert.strictEqual(second.location, "vm/100/2024-06-05T12:01:00Z")
+      const restored = yield* PbsVmRestore.restoreVm(client, { vmid: 100, directory: path.join(dir, "r") })
+      assert.strictEqual(sha(fs.readFileSync(restored.disks[0]!.path)), sha(changed))
+      assert.strictEqual(sha(fs.readFileSync(restored.disks[1]!.path)), sha(disks[1]!))
+
+      // a different size has no base; another target id names other bitmaps
+      const other = yield* PbsTarget.make(client)
+      yield* Effect.scoped(Effect.gen(function*() {
+        const session = yield* other.open({
+          ...request([changed, disks[1]!], T0 + 120),
+          devices: [{ name: "drive-scsi0", size: changed.length }, { name: "drive-virtio1", size: 4 * MiB }]
+        })
+        assert.match(session.incremental!.prefix, /^vzdump-[0-9a-f]{12}-$/)
+        assert.deepStrictEqual(session.incremental!.base, [
+          `${session.incremental!.prefix}${T0 + 60}`,
+          undefined
+        ])
+      }))
+      const plain = yield* PbsTarget.make(client, { dirtyBitmaps: false })
+      yield* Effect.scoped(Effect.gen(function*() {
+        const session = yield* plain.open(request(disks, T0 + 180))
+        assert.isUndefined(session.incremental)
+        assert.isUndefined(session.writeReused)
+      }))
     }), 60_000)
 
   it.scopedLive("writes must come in order and cover every byte; an aborted session leaves no snapshot", () =>
