@@ -136,6 +136,13 @@ export interface ArchiveSession {
    * file path with its compressor, or a PBS repository. Absent for targets only our code writes to.
    */
   readonly destination?: ArchiveDestination | undefined
+  /**
+   * How many bytes of later writes (data, zeros or reused ranges) on this session must have returned
+   * before it no longer reads a buffer passed to `writeData`. `0`: it copies or writes the data before
+   * `writeData` returns. Absent: it may keep the buffer indefinitely, so the caller never reuses it.
+   * The stock engine recycles its NBD read buffers only for sessions that say.
+   */
+  readonly bufferRetention?: number | undefined
   /** Set when the target can take unchanged chunks from a base archive (dirty-bitmap incrementals). */
   readonly incremental?: ArchiveIncremental | undefined
   /**
@@ -221,6 +228,7 @@ const memoryTarget = (store: Array<MemoryArchive>): BackupTargetService => {
         }
         return {
           openedLine: `creating in-memory archive for VM ${request.vmid}`,
+          bufferRetention: 0,
           writeData: (device, offset, data) =>
             Effect.map(check(device, offset, data.length), (disk) => disk.set(data, offset)),
           writeZeros: (device, offset, length) =>

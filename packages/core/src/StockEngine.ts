@@ -529,6 +529,17 @@ export const make = (options: StockEngineOptions) =>
                 maxInFlight: concurrency,
                 ...(base !== undefined ? { dirtyBitmap: base } : {})
               })
+              // read buffers go back to the client's pool once the archive no longer reads them
+              const retention = job.archive.bufferRetention
+              const held: Array<{ readonly chunk: NbdClient.DataChunk; after: number }> = []
+              const recycle = (chunk: NbdClient.ExportChunk) => {
+                if (retention === undefined) return
+                for (const entry of held) entry.after += chunk.length
+                while (held.length > 0 && held[0]!.after >= retention) held.shift()!.chunk.release()
+                if (chunk._tag !== "Data") return
+                if (retention === 0) chunk.release()
+                else held.push({ chunk, after: 0 })
+              }
               const stream = base !== undefined
                 ? nbd.stream({ chunkSize: bitmaps!.incremental.chunkSize, concurrency, dirtyBitmap: base })
                 : nbd.stream({ chunkSize, concurrency })
@@ -554,7 +565,12 @@ export const make = (options: StockEngineOptions) =>
                       Effect.tap(() => Effect.sync(() => (counters.zero += chunk.length)))
                     )
                   return write.pipe(
-                    Effect.tap(() => Effect.sync(() => (counters.transferred += chunk.length))),
+                    Effect.tap(() =>
+                      Effect.sync(() => {
+                        counters.transferred += chunk.length
+                        recycle(chunk)
+                      })
+                    ),
                     Effect.zipRight(Effect.suspend(() => throttle(counters.transferred, began)))
                   )
                 })

@@ -40,6 +40,7 @@ export interface VmaTargetOptions {
 }
 
 const NAME = "vma"
+const VMA_EXTENT_BYTES = 59 * 64 * 1024
 
 const extensionOf = (compression: VmaCompression.Compression | undefined): VzdumpNames.CompressionExtension | undefined =>
   compression === undefined ? undefined : compression.format === "zstd" ? "zst" : compression.format === "gzip" ? "gz" : "lzo"
@@ -86,6 +87,9 @@ export const make = (options: VmaTargetOptions): BackupTargetService => {
         const session: ArchiveSession = {
           openedLine: VzdumpLog.Messages.creatingVzdumpArchive(archivePath),
           logPath: NodePath.join(options.dumpdir, names.log),
+          // the writer keeps views of the clusters of its unfinished extent (at most 58 × 64 KiB) until
+          // the extent is complete and written out
+          bufferRetention: VMA_EXTENT_BYTES,
           // the session's devices are indexes into the request; VMA device ids start at 1
           writeData: (device, offset, data) =>
             Effect.mapError(writer.writeData(device + 1, offset, data), fail("Write")),
