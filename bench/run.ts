@@ -13,7 +13,7 @@ import { fileURLToPath } from "node:url"
 const here = dirname(fileURLToPath(import.meta.url))
 const wanted = process.argv.slice(2)
 const scripts = readdirSync(here)
-  .filter((file) => file.endsWith(".ts") && file !== "run.ts" && !file.endsWith(".d.ts"))
+  .filter((file) => file.endsWith(".ts") && !file.startsWith(".") && file !== "run.ts" && !file.endsWith(".d.ts"))
   .map((file) => file.slice(0, -3))
   .filter((name) => wanted.length === 0 || wanted.includes(name))
   .sort()
