@@ -383,6 +383,7 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
     )
     const writer = yield* VmaWriter.make({
       output,
+      writeBehind: true,
       configs,
       devices: sources.map((s) => ({ name: s.disk.name, size: s.size }))
     })
@@ -404,9 +405,10 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
         yield* cli.stderr(`progress ${percent}% ${transferred}/${total} ${zeroBytes}\n`)
       }
     })
-    // A ring of read buffers: the next chunk is read while the current one is written, and a 4 MiB chunk
-    // (64 clusters) is more than the 58 clusters the writer may still reference after `writeData` returns,
-    // so a buffer is free again two chunks later. Reusing buffers keeps the garbage collector out of the way.
+    // A ring of read buffers: the next chunk is read while the current one is encoded and written. A 4 MiB
+    // chunk (64 clusters) holds more than an extent (58 clusters), so when `writeData(k)` returns (write-behind:
+    // the write of chunk k may still run) only chunks k - 1, k and the one being read, k + 1, are in use, and
+    // chunk k + 2 can go into the buffer of k - 2. Reusing buffers keeps the garbage collector out of the way.
     const ring = Array.from({ length: 4 }, () => Buffer.allocUnsafe(CHUNK))
     let turn = 0
     for (const [i, source] of sources.entries()) {

@@ -8,16 +8,18 @@
  *
  * @since 0.1.0
  */
-import { availableParallelism } from "node:os"
+import * as VzdumpNames from "@vzdump/core/VzdumpNames"
+import * as Option from "effect/Option"
+import * as Schema from "effect/Schema"
 import { which } from "./internal/io.js"
 
 /**
  * A compressor and its vzdump options.
  *
- * - `zstd`: `threads` as vzdump's `zstd` option (default 1; 0 = half of the CPUs); `level` is passed as
- *   `-<level>` when given (vzdump leaves zstd's default, 3).
+ * - `zstd`: `threads` as vzdump's `zstd` option (default 1; 0 = half of the CPUs, rounded up as vzdump's
+ *   `int((n + 1) / 2)`); `level` is passed as `-<level>` when given (vzdump leaves zstd's default, 3).
  * - `gzip`: `pigz` as vzdump's `pigz` option: 0 (default) uses `gzip --rsyncable`, 1 uses `pigz` with half
- *   of the CPUs, N > 1 uses `pigz -p N`.
+ *   of the CPUs (rounded up likewise), N > 1 uses `pigz -p N`.
  * - `lzo`: `lzop`.
  *
  * @since 0.1.0
@@ -47,11 +49,12 @@ export interface Command {
   readonly args: ReadonlyArray<string>
 }
 
-const halfCpus = () => Math.max(1, Math.floor(availableParallelism() / 2))
+const decodeCompress = Schema.decodeUnknownOption(VzdumpNames.CompressOption)
 
 /**
- * The compressor vzdump runs for a `compress` option value (`0`, `1`, `gzip`, `lzo`, `zstd`), or
- * `undefined` for no compression.
+ * The compressor vzdump runs for a `compress` option value (`0`, `1`, `gzip`, `lzo`, `zstd`, or a boolean,
+ * also as `"true"`/`"false"`),
+ * or `undefined` for no compression or an unknown value. Decoded by core's `VzdumpNames.CompressOption`.
  *
  * @since 0.1.0
  * @category constructors
@@ -60,20 +63,18 @@ export const fromVzdumpOption = (
   compress: string | boolean | number | undefined,
   options: { readonly zstd?: number | undefined; readonly pigz?: number | undefined } = {}
 ): Compression | undefined => {
-  switch (String(compress ?? "0")) {
-    case "0":
-    case "false":
+  // command lines spell booleans as strings
+  const decoded = decodeCompress(compress === "true" ? true : compress === "false" ? false : compress ?? "0")
+  if (Option.isNone(decoded)) return undefined
+  switch (decoded.value) {
+    case "none":
       return undefined
-    case "1":
-    case "true":
     case "lzo":
       return { format: "lzo" }
     case "gzip":
       return { format: "gzip", pigz: options.pigz }
     case "zstd":
       return { format: "zstd", threads: options.zstd }
-    default:
-      return undefined
   }
 }
 
@@ -121,35 +122,27 @@ export const temporaryPath = (path: string): string => {
 }
 
 /**
- * The compressor command vzdump runs (stdin → stdout).
+ * The compressor command vzdump runs (stdin → stdout), built from core's `VzdumpNames.compressor` (the
+ * one copy of vzdump's rules), plus the zstd `level` when one is given.
  *
  * @since 0.1.0
  * @category utils
  */
 export const compressorCommand = (compression: Compression): Command => {
-  switch (compression.format) {
-    case "zstd": {
-      const threads = compression.threads === undefined
-        ? 1
-        : compression.threads === 0
-        ? halfCpus()
-        : compression.threads
-      const level = compression.level === undefined
-        ? []
-        : compression.level > 19
-        ? ["--ultra", `-${compression.level}`]
-        : [`-${compression.level}`]
-      return { command: "zstd", args: [...level, `--threads=${threads}`] }
-    }
-    case "gzip": {
-      const pigz = compression.pigz ?? 0
-      return pigz > 0
-        ? { command: "pigz", args: ["-p", String(pigz === 1 ? halfCpus() : pigz), "--rsyncable"] }
-        : { command: "gzip", args: ["--rsyncable"] }
-    }
-    case "lzo":
-      return { command: "lzop", args: [] }
-  }
+  const options: VzdumpNames.CompressorOptions = compression.format === "zstd"
+    ? { compress: "zstd", zstd: compression.threads }
+    : compression.format === "gzip"
+    ? { compress: "gzip", pigz: compression.pigz }
+    : { compress: "lzo" }
+  // vzdump's command line, from core's single copy of its rules (defined for every compression but "none").
+  const argv = VzdumpNames.compressor(options)!.argv
+  // Our extra: an explicit zstd level (vzdump leaves zstd's default), placed before vzdump's options.
+  const level = compression.format !== "zstd" || compression.level === undefined
+    ? []
+    : compression.level > 19
+    ? ["--ultra", `-${compression.level}`]
+    : [`-${compression.level}`]
+  return { command: argv[0]!, args: [...level, ...argv.slice(1)] }
 }
 
 /**

@@ -9,13 +9,15 @@
  *
  * Memory is bounded by one extent (≤ 3.8 MB) of pending block slices: every write waits until the extents
  * it completed have been accepted by the {@link VmaOutput}. The writer keeps references to the `data`
- * buffers passed in until their extent is written, so callers must not modify them afterwards.
+ * buffers passed in until their extent is written, so callers must not modify them afterwards. With
+ * `writeBehind`, one more write may be in flight when a call returns (see {@link VmaWriterOptions}).
  *
  * @since 0.1.0
  */
 import { randomUUID } from "node:crypto"
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
 import * as Sink from "effect/Sink"
 import * as Stream from "effect/Stream"
 import { Encoder } from "./internal/encoder.js"
@@ -73,6 +75,14 @@ export interface VmaArchiveOptions {
  */
 export interface VmaWriterOptions extends VmaArchiveOptions {
   readonly output: VmaOutput
+  /**
+   * Let one output write run behind the caller (default false): a write call returns once the *previous*
+   * write has been accepted, and the next write starts as soon as that one finishes, so the output (a
+   * compressor's pipe above all) never waits for the caller. In exchange the caller may reuse a `data`
+   * buffer only after the next write call has returned (the CLI's ring of read buffers allows for it).
+   * A failed write fails the next call or `finish`.
+   */
+  readonly writeBehind?: boolean | undefined
 }
 
 /**
@@ -276,17 +286,39 @@ export const make = (options: VmaWriterOptions): Effect.Effect<VmaWriter, VmaWri
     const encoder = yield* makeEncoder(options)
     const output = options.output
     const lock = yield* Effect.makeSemaphore(1)
+    const writeBehind = options.writeBehind === true
     let broken: VmaOutputError | undefined
+    // With write-behind: the last write started, which the next one waits for before it starts.
+    let behind: Fiber.Fiber<void, VmaOutputError> | undefined
+    const markBroken = (e: VmaOutputError) =>
+      Effect.sync(() => {
+        broken ??= e
+      })
+    const settle = Effect.suspend((): Effect.Effect<void, VmaOutputError> => {
+      const last = behind
+      behind = undefined
+      if (last !== undefined) return Effect.tapError(Fiber.join(last), markBroken)
+      return broken === undefined ? Effect.void : Effect.fail(broken)
+    })
     const run = (f: () => Array<Uint8Array> | VmaWriterError): Effect.Effect<void, VmaWriterError | VmaOutputError> =>
       lock.withPermits(1)(Effect.suspend((): Effect.Effect<void, VmaWriterError | VmaOutputError> => {
         if (broken !== undefined) return Effect.fail(broken)
         const out = f()
         if (out instanceof VmaWriterError) return Effect.fail(out)
         if (out.length === 0) return Effect.void
-        return Effect.tapError(output.write(out), (e) =>
-          Effect.sync(() => {
-            broken = e
-          }))
+        if (!writeBehind) return Effect.tapError(output.write(out), markBroken)
+        const previous = behind
+        const next = previous === undefined
+          ? output.write(out)
+          : Effect.zipRight(Fiber.join(previous), output.write(out))
+        return Effect.flatMap(Effect.forkDaemon(Effect.tapError(next, markBroken)), (fiber) => {
+          behind = fiber
+          if (previous === undefined) return Effect.void
+          return Effect.zipRight(
+            Fiber.await(previous),
+            Effect.suspend(() => broken === undefined ? Effect.void : Effect.fail(broken))
+          )
+        })
       }))
     const write = (op: VmaWrite) => run(() => apply(encoder, op))
     return {
@@ -300,7 +332,7 @@ export const make = (options: VmaWriterOptions): Effect.Effect<VmaWriter, VmaWri
       stats: Effect.sync(() => statsOf(encoder)),
       finish: Effect.zipRight(
         run(() => encoder.finish()),
-        lock.withPermits(1)(Effect.suspend(() => broken === undefined ? output.close : Effect.fail(broken)))
+        lock.withPermits(1)(Effect.zipRight(settle, output.close))
       ).pipe(Effect.map(() => statsOf(encoder)))
     } satisfies VmaWriter
   })

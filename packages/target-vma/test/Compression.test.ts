@@ -1,6 +1,8 @@
 import * as fs from "node:fs"
+import * as os from "node:os"
 import * as path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
+import * as VzdumpNames from "@vzdump/core/VzdumpNames"
 import { Effect } from "effect"
 import * as VmaCompression from "../src/VmaCompression.js"
 import * as VmaInput from "../src/VmaInput.js"
@@ -139,6 +141,25 @@ describe("compression", () => {
       args: ["-p", "3", "--rsyncable"]
     })
     assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "lzo" }), { command: "lzop", args: [] })
+    // 0 / 1 = "half the CPUs" by vzdump's rule, int((n + 1) / 2): the same command line as core's VzdumpNames
+    const half = Math.trunc((os.availableParallelism() + 1) / 2)
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "zstd", threads: 0, level: 1 }), {
+      command: "zstd",
+      args: ["-1", `--threads=${half}`]
+    })
+    assert.deepStrictEqual(VmaCompression.compressorCommand({ format: "gzip", pigz: 1 }).args, [
+      "-p",
+      String(half),
+      "--rsyncable"
+    ])
+    assert.strictEqual(
+      VzdumpNames.compressor({ compress: "zstd", zstd: 0 })?.argv.join(" "),
+      ["zstd", ...VmaCompression.compressorCommand({ format: "zstd", threads: 0 }).args].join(" ")
+    )
+    assert.deepStrictEqual(VmaCompression.fromVzdumpOption(true), { format: "lzo" })
+    assert.deepStrictEqual(VmaCompression.fromVzdumpOption("true"), { format: "lzo" })
+    assert.strictEqual(VmaCompression.fromVzdumpOption("false"), undefined)
+    assert.strictEqual(VmaCompression.fromVzdumpOption("bzip2"), undefined)
     assert.strictEqual(VmaCompression.temporaryPath("/d/x.vma"), "/d/x.dat")
     assert.strictEqual(VmaCompression.extension({ format: "gzip" }), ".gz")
     assert.strictEqual(VmaCompression.detect(Uint8Array.of(0x56, 0x4d, 0x41, 0)), "vma")

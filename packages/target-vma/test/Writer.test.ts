@@ -1,6 +1,6 @@
 import * as fs from "node:fs"
 import { assert, describe, it } from "@effect/vitest"
-import { Chunk, Effect, Stream } from "effect"
+import { Chunk, Deferred, Effect, Fiber, Stream } from "effect"
 import type * as VmaOutput from "../src/VmaOutput.js"
 import * as VmaOutputs from "../src/VmaOutput.js"
 import * as VmaError from "../src/VmaError.js"
@@ -105,6 +105,81 @@ describe("VmaWriter", () => {
       }
       yield* writer.finish
       assert.strictEqual((yield* verifyBytes(mem.bytes())).clusters, 200)
+    }))
+
+  it.effect("write-behind: a call waits only for the previous write; bytes and errors are unchanged", () =>
+    Effect.gen(function*() {
+      const image = makeImage(300 * CLUSTER, 6)
+      const ops = { uuid: "0123456789abcdef0123456789abcdef", ctime: 1 } as const
+      const chunk = 64 * CLUSTER
+      // an output whose writes finish only when the test releases them, one at a time
+      const chunks: Array<Uint8Array> = []
+      const gates: Array<Deferred.Deferred<void>> = []
+      let started = 0
+      let finished = 0
+      const gated: VmaOutput.VmaOutput = {
+        write: (parts) =>
+          Effect.gen(function*() {
+            const gate = yield* Deferred.make<void>()
+            gates.push(gate)
+            started++
+            yield* Deferred.await(gate)
+            for (const p of parts) chunks.push(Uint8Array.from(p))
+            finished++
+          }),
+        close: Effect.void
+      }
+      const writer = yield* VmaWriter.make({
+        output: gated,
+        devices: [{ name: "d", size: image.length }],
+        ...ops,
+        writeBehind: true
+      })
+      const releaseNext = Effect.suspend(() => Deferred.succeed(gates[finished]!, undefined))
+      yield* writer.writeData(1, 0, image.subarray(0, chunk)) // completes extent 1: its write runs behind
+      yield* Effect.yieldNow()
+      assert.deepStrictEqual([started, finished], [1, 0])
+      // the next call waits for the first write; its own write starts right after, without the caller
+      const second = yield* Effect.fork(writer.writeData(1, chunk, image.subarray(chunk, 2 * chunk)))
+      yield* Effect.yieldNow()
+      assert.isNull(second.unsafePoll())
+      yield* releaseNext
+      yield* Fiber.join(second)
+      yield* Effect.yieldNow()
+      assert.deepStrictEqual([started, finished], [2, 1])
+      const rest = yield* Effect.fork(Effect.zipRight(
+        writer.writeData(1, 2 * chunk, image.subarray(2 * chunk)),
+        writer.finish
+      ))
+      while (rest.unsafePoll() === null) {
+        if (gates.length > finished) yield* releaseNext
+        yield* Effect.yieldNow()
+      }
+      yield* Fiber.join(rest)
+      const plain = memory()
+      const reference = yield* VmaWriter.make({
+        output: plain.output,
+        devices: [{ name: "d", size: image.length }],
+        ...ops
+      })
+      yield* reference.writeData(1, 0, image)
+      yield* reference.finish
+      assert.deepStrictEqual(concat(chunks), plain.bytes())
+
+      // a failed write behind the caller fails the next call, and every later one
+      const failing: VmaOutput.VmaOutput = {
+        write: () => Effect.fail(new VmaError.VmaIoError({ operation: "write", path: "x", detail: "No space left" })),
+        close: Effect.void
+      }
+      const broken = yield* VmaWriter.make({
+        output: failing,
+        devices: [{ name: "d", size: image.length }],
+        writeBehind: true
+      })
+      yield* broken.writeData(1, 0, image.subarray(0, chunk))
+      const next = yield* Effect.flip(broken.writeData(1, chunk, image.subarray(chunk, 2 * chunk)))
+      assert.strictEqual(next._tag, "VmaIoError")
+      assert.strictEqual((yield* Effect.flip(broken.finish))._tag, "VmaIoError")
     }))
 
   it.effect("concurrent writers on different devices produce one valid archive", () =>

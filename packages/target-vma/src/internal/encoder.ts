@@ -31,8 +31,16 @@ export interface EncoderOptions {
 
 const ZERO_BLOCK = Buffer.alloc(F.BLOCK_SIZE)
 
-const isZero = (block: Uint8Array): boolean =>
-  Buffer.compare(block, block.length === F.BLOCK_SIZE ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, block.length)) === 0
+/**
+ * Whether `src[start, start + length)` is all zero, without allocating: a few leading bytes decide almost
+ * every block of real data in JavaScript; only blocks that start with 16 zero bytes are compared in native
+ * code against a shared zero page.
+ */
+const isZeroAt = (src: Uint8Array, start: number, length: number): boolean => {
+  const head = Math.min(16, length)
+  for (let i = 0; i < head; i++) if (src[start + i] !== 0) return false
+  return ZERO_BLOCK.compare(src, start, start + length, 0, length) === 0
+}
 
 const fail = (
   reason: Err.VmaWriterError["reason"],
@@ -55,6 +63,9 @@ export class Encoder {
   private readonly clusterNums = new Uint32Array(F.SLOTS_PER_EXTENT)
   private readonly masks = new Uint16Array(F.SLOTS_PER_EXTENT)
   private parts: Array<Uint8Array> = []
+  private runSrc: Uint8Array | undefined = undefined
+  private runStart = 0
+  private runEnd = 0
   private blockCount = 0
   private out: Array<Uint8Array> = []
   /** Bytes of archive produced so far. */
@@ -228,18 +239,19 @@ export class Encoder {
           continue
         }
         const avail = Math.min(F.BLOCK_SIZE, len - inCluster, dev.size - start)
-        let block = src.subarray(srcOff + inCluster, srcOff + inCluster + avail)
-        if (isZero(block)) {
+        const from = srcOff + inCluster
+        if (isZeroAt(src, from, avail)) {
           dev.zeroBytes += F.BLOCK_SIZE
           continue
         }
         mask |= 1 << j
         if (avail < F.BLOCK_SIZE) {
           const padded = new Uint8Array(F.BLOCK_SIZE)
-          padded.set(block)
-          block = padded
+          padded.set(src.subarray(from, from + avail))
+          this.pushPadded(padded)
+        } else {
+          this.pushRange(src, from)
         }
-        this.pushPart(block)
         this.blockCount++
       }
     }
@@ -251,16 +263,28 @@ export class Encoder {
     if (this.count >= this.perExtent) this.flush()
   }
 
-  private pushPart(block: Uint8Array) {
-    const last = this.parts[this.parts.length - 1]
-    if (
-      last !== undefined && last.buffer === block.buffer && last.byteOffset + last.byteLength === block.byteOffset
-    ) {
-      const merged = new Uint8Array(last.buffer, last.byteOffset, last.byteLength + block.byteLength)
-      this.parts[this.parts.length - 1] = merged
-    } else {
-      this.parts.push(block)
+  /** Extends the current run of adjacent blocks of one source buffer, or starts a new run. */
+  private pushRange(src: Uint8Array, from: number) {
+    if (this.runSrc === src && this.runEnd === from) {
+      this.runEnd = from + F.BLOCK_SIZE
+      return
     }
+    this.closeRun()
+    this.runSrc = src
+    this.runStart = from
+    this.runEnd = from + F.BLOCK_SIZE
+  }
+
+  private pushPadded(block: Uint8Array) {
+    this.closeRun()
+    this.parts.push(block)
+  }
+
+  /** Turns the open run into one slice of its source buffer. */
+  private closeRun() {
+    if (this.runSrc === undefined) return
+    this.parts.push(this.runSrc.subarray(this.runStart, this.runEnd))
+    this.runSrc = undefined
   }
 
   private flush() {
@@ -269,6 +293,7 @@ export class Encoder {
       this.bytesOut += this.pendingHeader.length
       this.pendingHeader = undefined
     }
+    this.closeRun()
     const header = F.encodeExtentHeader(this.uuid, this.count, this.devs, this.clusterNums, this.masks, this.blockCount)
     this.out.push(header)
     for (const part of this.parts) this.out.push(part)
