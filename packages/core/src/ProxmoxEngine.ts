@@ -375,7 +375,8 @@ export const make = (
     const command = yield* HostCommand
     const processes = yield* HostProcess
     /** Support flags read in `prepare`, consumed by `start` (per VM). */
-    const prepared = new Map<number, ProxmoxSupportStatus | undefined>()
+    /** What `prepare` found and attached for a VM's job, so `start` (inside the freeze) only issues `backup`. */
+    const prepared = new Map<number, Prepared>()
 
     const destinationFor = (job: EngineJob, reason: BackupEngineError["reason"]) => {
       const destination = destinationOf(job.archive)
@@ -404,13 +405,20 @@ export const make = (
           yield* awaitInactive(job)
         }
         yield* Effect.forEach(destination.messages, (entry) => job.log(entry.level, entry.message), { discard: true })
-        if (destination._tag === "Pbs" && job.devices.length > 0) {
-          const support = yield* pbsSupport(job)
-          if (support["pbs-masterkey"] !== true && destination.masterKeyfile !== undefined) {
+        if (job.devices.length === 0) return
+        let support: ProxmoxSupportStatus | undefined
+        if (destination._tag === "Pbs") {
+          const pbs = yield* pbsSupport(job)
+          if (pbs["pbs-masterkey"] !== true && destination.masterKeyfile !== undefined) {
             return yield* engineError("Prepare", Messages.masterKeyUnsupported)
           }
-          prepared.set(job.vmid, support)
+          support = pbs
+        } else {
+          support = yield* vmaSupport(job)
         }
+        // TPM state and fleecing images are attached before the guest is frozen, as vzdump does
+        const fleecing = yield* attachDevices(command, job, support, jobOptions(options, job), options)
+        prepared.set(job.vmid, { support, fleecing })
       })
 
     const awaitInactive = (job: EngineJob) =>
@@ -432,14 +440,16 @@ export const make = (
         const cached = prepared.get(job.vmid)
         prepared.delete(job.vmid)
         if (destination._tag === "Pbs") {
-          const support = cached ?? (yield* pbsSupport(job))
+          const support = cached?.support ?? (yield* pbsSupport(job))
           if (support["pbs-masterkey"] !== true && destination.masterKeyfile !== undefined) {
             return yield* engineError("Start", Messages.masterKeyUnsupported)
           }
-          return yield* startPbs(command, job, destination, support, extra, options)
+          const fleecing = cached?.fleecing ?? (yield* attachDevices(command, job, support, extra, options))
+          return yield* startPbs(command, job, destination, support, extra, options, fleecing)
         }
-        const support = cached ?? (yield* vmaSupport(job))
-        return yield* startVma(command, processes, job, destination, support, extra, options)
+        const support = cached !== undefined ? cached.support : yield* vmaSupport(job)
+        const fleecing = cached?.fleecing ?? (yield* attachDevices(command, job, support, extra, options))
+        return yield* startVma(command, processes, job, destination, support, extra, options, fleecing)
       })
 
     return { name: ENGINE, prepare, start }
@@ -459,6 +469,25 @@ export const layer = (
 // ---------------------------------------------------------------------------------------------
 // attach TPM state and fleecing images
 // ---------------------------------------------------------------------------------------------
+
+interface Prepared {
+  readonly support: ProxmoxSupportStatus | undefined
+  /** Whether fleecing images were attached. */
+  readonly fleecing: boolean
+}
+
+/** Attaches the TPM state and, when asked for and supported, the fleecing images; `true` with fleecing. */
+const attachDevices = (
+  command: HostCommandService,
+  job: EngineJob,
+  support: ProxmoxSupportStatus | undefined,
+  extra: ResolvedJobOptions,
+  options: ProxmoxEngineOptions
+): Effect.Effect<boolean, BackupEngineError, Scope.Scope> =>
+  Effect.zipRight(
+    attachTpm(job),
+    attachFleecing(command, job, extra.fleecing && !extra.template, support, options.fleecingDir)
+  )
 
 const blockdevDel = (job: EngineJob, node: string) =>
   job.qmp.execute("blockdev-del", { "node-name": node }).pipe(Effect.asVoid)
@@ -616,17 +645,10 @@ const startVma = (
   destination: VmaFileDestination,
   support: ProxmoxSupportStatus | undefined,
   extra: ResolvedJobOptions,
-  options: ProxmoxEngineOptions
+  options: ProxmoxEngineOptions,
+  fleecing: boolean
 ): Effect.Effect<ProxmoxRunningBackup, BackupEngineError, Scope.Scope> =>
   Effect.gen(function*() {
-    yield* attachTpm(job)
-    const fleecing = yield* attachFleecing(
-      command,
-      job,
-      extra.fleecing && !extra.template,
-      support,
-      options.fleecingDir
-    )
     const mode = options.vmaOutput ?? "getfd"
     const compressorSpec = destination.compressor
     const temp = destination.temporaryPath
@@ -757,17 +779,10 @@ const startPbs = (
   destination: PbsDestination,
   support: ProxmoxSupportStatus,
   extra: ResolvedJobOptions,
-  options: ProxmoxEngineOptions
+  options: ProxmoxEngineOptions,
+  fleecing: boolean
 ): Effect.Effect<ProxmoxRunningBackup, BackupEngineError, Scope.Scope> =>
   Effect.gen(function*() {
-    yield* attachTpm(job)
-    const fleecing = yield* attachFleecing(
-      command,
-      job,
-      extra.fleecing && !extra.template,
-      support,
-      options.fleecingDir
-    )
     const performance = yield* performanceOptions(job, extra.maxWorkers, support)
     const params = pbsBackupArguments({
       destination,
