@@ -529,7 +529,7 @@ const main = async () => {
         group: "mixed",
         run: () => runTimed("nbdcopy", ["--connections=1", uri(mixed.virtdev), "null:"])
       },
-      { name: "(b) ours, engine's call today", group: "mixed", run: () => runJob(readJob(mixed.virtdev, engineToday)) },
+      { name: "(b) ours, no buffer release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, engineToday)) },
       { name: "    ours, + release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, recommended)) },
       {
         name: "    ours, 2 conns, conc 4, release",
@@ -564,7 +564,7 @@ const main = async () => {
       { name: "    sparse: ours, release", group: "sparse", run: () => runJob(readJob(sparse.virtdev, recommended)) },
       { name: "    dense: ours, release", group: "sparse", run: () => runJob(readJob(dense.virtdev, recommended)) },
       {
-        name: "    sparse: ours, engine's call",
+        name: "    sparse: ours, no release",
         group: "sparse",
         run: () => runJob(readJob(sparse.virtdev, engineToday))
       }
@@ -632,7 +632,8 @@ const main = async () => {
     out(
       "\nours = child process: connect + stream, excluding Node start-up; 'before' = its RSS after loading and\n" +
         "connecting (Node, tsx, Effect). '(c) StockEngine' covers prepare, fleece set-up, transfer, commit and\n" +
-        "cleanup, not QEMU start; it still reads as the engine does today (1 connection, no release).\n"
+        "cleanup, not QEMU start; it reads as the engine does (1 connection, buffers recycled after the VMA\n" +
+        "writer's retention).\n"
     )
   } finally {
     if (qemu !== undefined) await killByPid(qemu.child)
