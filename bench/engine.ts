@@ -34,6 +34,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
+import { median, parseSize } from "./lib/numbers.js"
 
 const MiB = 1024 * 1024
 const GiB = 1024 * MiB
@@ -221,19 +222,7 @@ interface Sample {
   readonly rssBeforeKiB?: number
 }
 
-const median = (xs: ReadonlyArray<number>): number => {
-  const s = [...xs].sort((a, b) => a - b)
-  const m = Math.floor(s.length / 2)
-  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
-}
 
-const parseSize = (s: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
-  if (m === null) throw new Error(`bad size ${s}`)
-  const units = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
-  const unit = units[m[2]!.toUpperCase() as keyof typeof units]
-  return Math.round((Number(m[1]) * unit) / (4 * MiB)) * 4 * MiB
-}
 
 const arg = (name: string, fallback: string) => {
   const i = process.argv.indexOf(name)
@@ -458,8 +447,8 @@ const pad = (s: string, n: number) => s.padEnd(n)
 const lpad = (s: string, n: number) => s.padStart(n)
 
 const main = async () => {
-  const size = parseSize(arg("--size", "1G"))
-  const sparseSize = parseSize(arg("--sparse", "16G"))
+  const size = parseSize(arg("--size", "1G"), 4 * MiB)
+  const sparseSize = parseSize(arg("--sparse", "16G"), 4 * MiB)
   const runs = Math.max(1, Number(arg("--runs", "3")))
   for (const tool of ["nbdcopy", "qemu-img", "qemu-system-x86_64", "sha256sum"]) {
     if (!hasTool(tool)) {

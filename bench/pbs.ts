@@ -56,6 +56,7 @@ import * as StockEngine from "@vzdump/core/StockEngine"
 import * as PbsClient from "@vzdump/target-pbs/PbsClient"
 import * as PbsTarget from "@vzdump/target-pbs/PbsTarget"
 import * as PbsTestServer from "@vzdump/target-pbs/testing/PbsTestServer"
+import { median, parseSize } from "./lib/numbers.js"
 
 const MiB = 1024 * 1024
 const CHUNK = 4 * MiB
@@ -171,19 +172,7 @@ const runChild = (job: ChildJob) =>
 // -------------------------------------------------------------------------------------------------
 // parent side
 
-const median = (xs: ReadonlyArray<number>): number => {
-  const s = [...xs].sort((a, b) => a - b)
-  const m = Math.floor(s.length / 2)
-  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
-}
 
-const parseSize = (s: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
-  if (m === null) throw new Error(`bad size ${s}`)
-  const units = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
-  const unit = units[m[2]!.toUpperCase() as keyof typeof units]
-  return Math.max(1, Math.round((Number(m[1]) * unit) / CHUNK)) * CHUNK
-}
 
 const arg = (name: string, fallback: string) => {
   const i = process.argv.indexOf(name)
@@ -326,7 +315,7 @@ const pad = (s: string, n: number) => s.padEnd(n)
 const lpad = (s: string, n: number) => s.padStart(n)
 
 const program = Effect.gen(function*() {
-  const size = parseSize(arg("--size", "1G"))
+  const size = parseSize(arg("--size", "1G"), CHUNK)
   const runs = Math.max(1, Number(arg("--runs", "1")))
   const format = arg("--format", "raw")
   if (format !== "raw" && format !== "qcow2") return yield* Effect.dieMessage(`--format raw|qcow2, not ${format}`)

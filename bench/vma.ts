@@ -22,21 +22,15 @@ import * as path from "node:path"
 import { pipeline } from "node:stream/promises"
 import { fileURLToPath } from "node:url"
 import { CompressStream } from "zstd-napi"
+import { parseSize } from "./lib/numbers.js"
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 // BENCH_VMA_BIN: another `vma` entry point (e.g. an older build) to compare under the same conditions.
 const vmaBin = process.env.BENCH_VMA_BIN ?? path.join(root, "packages/target-vma/bin/vma.mjs")
 
-const parseSize = (s: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s)
-  if (m === null) throw new Error(`bad size ${s}`)
-  const units = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
-  const unit = units[m[2]!.toUpperCase() as keyof typeof units]
-  return Math.round(Number(m[1]) * unit / 65536) * 65536
-}
 
 const argSize = process.argv.indexOf("--size")
-const size = parseSize(argSize >= 0 ? process.argv[argSize + 1] ?? "1G" : "1G")
+const size = parseSize(argSize >= 0 ? process.argv[argSize + 1] ?? "1G" : "1G", 65536)
 const base = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "vma-bench-"))
 const out = (s: string) => process.stdout.write(s)
 
