@@ -134,28 +134,21 @@ const NamedNodes = Schema.Array(Schema.Struct({
 // ---------------------------------------------------------------------------------------------
 
 /**
- * What vzdump knows about the job beyond `EngineJob` (its `performance`, `fleecing` options and
- * whether the VM is a template). Passed on the job (`ProxmoxEngineJob`) or as engine defaults.
+ * vzdump's per-job options the engine reads (`performance`, `fleecing`, whether the VM is a
+ * template): carried on `EngineJob`, with engine-wide defaults in `ProxmoxEngineOptions.defaults`.
  *
  * @since 0.1.0
  * @category models
  */
-export interface ProxmoxJobOptions {
-  /** `template: 1`: never the dirty bitmap or fleecing. */
-  readonly template?: boolean | undefined
-  /** vzdump's `performance: max-workers=N`. */
-  readonly maxWorkers?: number | undefined
-  /** vzdump's `fleecing: enabled=1`. */
-  readonly fleecing?: boolean | undefined
-}
+export type ProxmoxJobOptions = Pick<EngineJob, "template" | "maxWorkers" | "fleecing">
 
 /**
- * An `EngineJob` with the Proxmox-only fields.
+ * The job the engine runs: `EngineJob` carries the Proxmox-only fields itself.
  *
  * @since 0.1.0
  * @category models
  */
-export interface ProxmoxEngineJob extends EngineJob, ProxmoxJobOptions {}
+export type ProxmoxEngineJob = EngineJob
 
 /**
  * @since 0.1.0
@@ -267,11 +260,10 @@ interface ResolvedJobOptions {
 }
 
 const jobOptions = (options: ProxmoxEngineOptions, job: EngineJob): ResolvedJobOptions => {
-  const extra = job as ProxmoxEngineJob
   return {
-    template: extra.template ?? options.defaults?.template ?? false,
-    maxWorkers: extra.maxWorkers ?? options.defaults?.maxWorkers,
-    fleecing: extra.fleecing ?? options.defaults?.fleecing ?? false
+    template: job.template ?? options.defaults?.template ?? false,
+    maxWorkers: job.maxWorkers ?? options.defaults?.maxWorkers,
+    fleecing: job.fleecing ?? options.defaults?.fleecing ?? false
   }
 }
 

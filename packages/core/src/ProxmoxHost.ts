@@ -45,7 +45,7 @@ import type { CommandError, RunOptions } from "./HostCommand.js"
 import { Hypervisor, HypervisorError } from "./Hypervisor.js"
 import type { HypervisorService, QemuVersion, VmRunState } from "./Hypervisor.js"
 import * as ProxmoxTarget from "./ProxmoxTarget.js"
-import { Storage, StorageError } from "./Storage.js"
+import { imageInfo, Storage, StorageError, storeIdOf } from "./Storage.js"
 import type { StorageService, VolumeInfo } from "./Storage.js"
 import * as VmConfig from "./VmConfig.js"
 
@@ -370,12 +370,6 @@ export const makeHypervisor = (
 // Storage
 // ---------------------------------------------------------------------------------------------
 
-const storeIdOf = (volid: string): string | undefined => {
-  if (volid.startsWith("/")) return undefined
-  const colon = volid.indexOf(":")
-  return colon > 0 ? volid.slice(0, colon) : undefined
-}
-
 /**
  * The `Status` column of `pvesm status` for each storage listed.
  *
@@ -404,7 +398,6 @@ const VolumeAttributes = Schema.parseJson(Schema.Struct({
   path: Schema.optional(Schema.String)
 }))
 
-const QemuImgInfo = Schema.parseJson(Schema.Struct({ "virtual-size": Schema.Number, format: Schema.String }))
 
 /**
  * Volumes through `pvesm` and `pvesh`.
@@ -467,13 +460,7 @@ export const makeStorage = (options: ProxmoxHostOptions = {}): Effect.Effect<Sto
         const file = yield* path(volid, vmid)
         const store = storeIdOf(volid)
         if (store === undefined) {
-          const out = yield* run(volid, "Info", "qemu-img", ["info", "-U", "--output=json", file])
-          const decoded = yield* Schema.decodeUnknown(QemuImgInfo)(out.stdout).pipe(
-            Effect.mapError((error) =>
-              new StorageError({ volid, reason: "Info", detail: `qemu-img info: ${error.message}` })
-            )
-          )
-          return { volid, path: file, format: decoded.format, size: decoded["virtual-size"] }
+          return yield* imageInfo(volid, file, (program, args) => run(volid, "Info", program, args))
         }
         const out = yield* run(volid, "Info", "pvesh", [
           "get",

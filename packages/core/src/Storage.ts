@@ -12,6 +12,8 @@ import * as Schema from "effect/Schema"
 import * as NodePath from "node:path"
 import * as Fs from "node:fs/promises"
 import { HostCommand } from "./HostCommand.js"
+import type { CommandOutput } from "./HostCommand.js"
+import * as VmVolumes from "./VmVolumes.js"
 
 /**
  * @since 0.1.0
@@ -70,11 +72,33 @@ export interface DirectoryStorageOptions {
 
 const QemuImgInfo = Schema.parseJson(Schema.Struct({ "virtual-size": Schema.Number, format: Schema.String }))
 
-const storeIdOf = (volid: string): string | undefined => {
-  if (volid.startsWith("/")) return undefined
-  const colon = volid.indexOf(":")
-  return colon > 0 ? volid.slice(0, colon) : undefined
-}
+/**
+ * The storage id of a volume id (`local-lvm:vm-100-disk-0` → `local-lvm`); `undefined` for a path.
+ *
+ * @since 0.1.0
+ * @category volumes
+ */
+export const storeIdOf = (volid: string): string | undefined => VmVolumes.parseVolumeId(volid)?.storeid
+
+/**
+ * Size and format of an image file from `qemu-img info -U --output=json`, run through `run` (which
+ * maps the program's failure to a `StorageError` as the profile words it).
+ *
+ * @since 0.1.0
+ * @category volumes
+ */
+export const imageInfo = (
+  volid: string,
+  file: string,
+  run: (program: string, args: ReadonlyArray<string>) => Effect.Effect<CommandOutput, StorageError>
+): Effect.Effect<VolumeInfo, StorageError> =>
+  Effect.gen(function*() {
+    const out = yield* run("qemu-img", ["info", "-U", "--output=json", file])
+    const info = yield* Schema.decodeUnknown(QemuImgInfo)(out.stdout).pipe(
+      Effect.mapError((error) => new StorageError({ volid, reason: "Info", detail: `qemu-img info: ${error.message}` }))
+    )
+    return { volid, path: file, format: info.format, size: info["virtual-size"] }
+  })
 
 /**
  * Directory storages and absolute paths. A volume name with a `/` is relative to
@@ -118,18 +142,11 @@ export const makeDirectories = (options: DirectoryStorageOptions) =>
       path,
       activate: (volids, vmid) => Effect.forEach(volids, (volid) => exists(volid, vmid), { discard: true }),
       info: (volid, vmid) =>
-        Effect.gen(function*() {
-          const file = yield* exists(volid, vmid)
-          const out = yield* command.run("qemu-img", ["info", "-U", "--output=json", file]).pipe(
-            Effect.mapError((error) => new StorageError({ volid, reason: "Info", detail: error.message }))
-          )
-          const info = yield* Schema.decodeUnknown(QemuImgInfo)(out.stdout).pipe(
-            Effect.mapError((error) =>
-              new StorageError({ volid, reason: "Info", detail: `qemu-img info: ${error.message}` })
-            )
-          )
-          return { volid, path: file, format: info.format, size: info["virtual-size"] }
-        })
+        Effect.flatMap(exists(volid, vmid), (file) =>
+          imageInfo(volid, file, (program, args) =>
+            command.run(program, args).pipe(
+              Effect.mapError((error) => new StorageError({ volid, reason: "Info", detail: error.message }))
+            )))
     }
   })
 
