@@ -405,11 +405,14 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
         yield* cli.stderr(`progress ${percent}% ${transferred}/${total} ${zeroBytes}\n`)
       }
     })
-    // A ring of read buffers: the next chunk is read while the current one is encoded and written. A 4 MiB
-    // chunk (64 clusters) holds more than an extent (58 clusters), so when `writeData(k)` returns (write-behind:
-    // the write of chunk k may still run) only chunks k - 1, k and the one being read, k + 1, are in use, and
-    // chunk k + 2 can go into the buffer of k - 2. Reusing buffers keeps the garbage collector out of the way.
-    const ring = Array.from({ length: 4 }, () => Buffer.allocUnsafe(CHUNK))
+    // A ring of read buffers: the next READ_AHEAD chunks are read while the current one is encoded and
+    // written. A 4 MiB chunk (64 clusters) holds more than an extent (58 clusters), so when `writeData(k)`
+    // returns (write-behind: the write of the extents completed by chunk k may still run) only chunks k - 1
+    // and k are still referenced by the writer, and k + 1 … k + READ_AHEAD are being read: a ring of
+    // READ_AHEAD + 3 buffers never hands out one still in use. Reusing buffers keeps the garbage collector
+    // out of the way.
+    const READ_AHEAD = 2
+    const ring = Array.from({ length: READ_AHEAD + 3 }, () => Buffer.allocUnsafe(CHUNK))
     let turn = 0
     for (const [i, source] of sources.entries()) {
       const readAt = (offset: number) => {
@@ -423,14 +426,21 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
           Effect.as(buffer)
         )
       }
+      const reads: Array<Fiber.Fiber<Buffer, VmaIoError>> = []
+      let readOffset = 0
+      const readMore = Effect.gen(function*() {
+        while (reads.length < READ_AHEAD && readOffset < source.size) {
+          reads.push(yield* Effect.fork(readAt(readOffset)))
+          readOffset += Math.min(CHUNK, source.size - readOffset)
+        }
+      })
       let offset = 0
-      let pending = yield* Effect.fork(readAt(0))
+      yield* readMore
       while (offset < source.size) {
-        const chunk = yield* Fiber.join(pending)
-        const next = offset + chunk.length
-        if (next < source.size) pending = yield* Effect.fork(readAt(next))
+        const chunk = yield* Fiber.join(reads.shift()!)
+        yield* readMore
         yield* writer.writeData(i + 1, offset, chunk)
-        offset = next
+        offset += chunk.length
         yield* progress
       }
     }

@@ -3,8 +3,11 @@
  * `gzip`/`pigz` or `lzop`, with vzdump's options and file extensions; reading recognises the compressed
  * formats by their magic bytes.
  *
- * The tools' own binaries are used rather than an in-process binding: they run in a separate process
- * (on another core) and measured faster here (see the package's bench).
+ * zstd runs in this process through the `zstd-napi` binding, in zstd's multi-threaded mode with vzdump's
+ * thread count (its workers compress while our threads read and write): piping the stream to a `zstd`
+ * process costs one more copy through a 64 KiB pipe and, on two cores, measured about half the
+ * throughput (bench/vma.ts prints both). gzip (`gzip`/`pigz`) and lzo (`lzop`) run as the tools' own
+ * binaries, as vzdump runs them; reading pipes every format through the tool (`zstd -d`, …).
  *
  * @since 0.1.0
  */
@@ -17,7 +20,7 @@ import { which } from "./internal/io.js"
  * A compressor and its vzdump options.
  *
  * - `zstd`: `threads` as vzdump's `zstd` option (default 1; 0 = half of the CPUs, rounded up as vzdump's
- *   `int((n + 1) / 2)`); `level` is passed as `-<level>` when given (vzdump leaves zstd's default, 3).
+ *   `int((n + 1) / 2)`); `level` when given (vzdump leaves zstd's default, 3). Compressed in this process.
  * - `gzip`: `pigz` as vzdump's `pigz` option: 0 (default) uses `gzip --rsyncable`, 1 uses `pigz` with half
  *   of the CPUs (rounded up likewise), N > 1 uses `pigz -p N`.
  * - `lzo`: `lzop`.
@@ -143,6 +146,19 @@ export const compressorCommand = (compression: Compression): Command => {
     ? ["--ultra", `-${compression.level}`]
     : [`-${compression.level}`]
   return { command: argv[0]!, args: [...level, ...argv.slice(1)] }
+}
+
+/**
+ * The number of zstd worker threads vzdump would give `zstd --threads=N` for this compression (its `zstd`
+ * option: default 1, 0 = half of the CPUs rounded up).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const zstdThreads = (compression: Compression & { readonly format: "zstd" }): number => {
+  const argv = VzdumpNames.compressor({ compress: "zstd", zstd: compression.threads })!.argv
+  const option = argv.find((a) => a.startsWith("--threads="))
+  return option === undefined ? 1 : Number(option.slice("--threads=".length))
 }
 
 /**

@@ -3,8 +3,10 @@
  * a file descriptor (stdout, a FIFO), a shell command (`exec:`), or any Node `Writable`.
  *
  * Outputs apply back-pressure: `write` completes once the bytes are handed to the kernel (or the stream has
- * drained). A compressor is a child process reading a pipe and writing to the target file; its exit status
- * is checked by `close`, and a compressor dying early fails the next `write` with its status.
+ * drained, or zstd has taken them). zstd runs in this process (its worker threads, see
+ * {@link Compression}); gzip and lzo are child processes reading a pipe and writing to the target file,
+ * whose exit status is checked by `close`, and a compressor dying early fails the next `write` with its
+ * status.
  *
  * @since 0.1.0
  */
@@ -14,7 +16,8 @@ import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as io from "./internal/io.js"
 import type { Compression } from "./VmaCompression.js"
-import { compressorCommand } from "./VmaCompression.js"
+import * as zstd from "./internal/zstd.js"
+import { compressorCommand, zstdThreads } from "./VmaCompression.js"
 import type { VmaIoError, VmaProcessError } from "./VmaError.js"
 
 /**
@@ -82,7 +85,18 @@ const viaChild = (
     }
   })
 
-const viaCompressor = (fd: number, compression: Compression, path: string) => {
+/** zstd in this process (see {@link Compression}); gzip and lzo through the tools' binaries. */
+const viaCompressor = (
+  fd: number,
+  compression: Compression,
+  path: string
+): Effect.Effect<VmaOutput, VmaOutputError, Scope.Scope> => {
+  if (compression.format === "zstd") {
+    return Effect.map(
+      zstd.make(fd, path, { level: compression.level ?? 0, threads: zstdThreads(compression) }),
+      (z): VmaOutput => ({ write: z.write, close: z.end })
+    )
+  }
   const { args, command } = compressorCommand(compression)
   return viaChild(command, args, fd, `${path} (via ${command})`)
 }
