@@ -50,6 +50,9 @@ const makeBundle = async () => {
       target: "node20",
       // a native addon: loaded from node_modules at run time
       external: ["zstd-napi"],
+      // sources resolve files next to themselves (the zstd worker's binding) through import.meta.url
+      define: { "import.meta.url": "__bundle_url" },
+      banner: { js: "const __bundle_url = require(\"node:url\").pathToFileURL(__filename).href;" },
       outfile: `${bundle}${suffix}`,
       metafile: true,
       absWorkingDir: pkg,

@@ -412,7 +412,8 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
     // READ_AHEAD + 3 buffers never hands out one still in use. Reusing buffers keeps the garbage collector
     // out of the way.
     const READ_AHEAD = 2
-    const ring = Array.from({ length: READ_AHEAD + 3 }, () => Buffer.allocUnsafe(CHUNK))
+    // Shared memory, so an in-process zstd compresses the chunks in place on its thread (see VmaOutput).
+    const ring = Array.from({ length: READ_AHEAD + 3 }, () => Buffer.from(new SharedArrayBuffer(CHUNK)))
     let turn = 0
     for (const [i, source] of sources.entries()) {
       const readAt = (offset: number) => {

@@ -3,11 +3,13 @@
  * `gzip`/`pigz` or `lzop`, with vzdump's options and file extensions; reading recognises the compressed
  * formats by their magic bytes.
  *
- * zstd runs in this process through the `zstd-napi` binding, in zstd's multi-threaded mode with vzdump's
- * thread count (its workers compress while our threads read and write): piping the stream to a `zstd`
- * process costs one more copy through a 64 KiB pipe and, on two cores, measured about half the
- * throughput (bench/vma.ts prints both). gzip (`gzip`/`pigz`) and lzo (`lzop`) run as the tools' own
- * binaries, as vzdump runs them; reading pipes every format through the tool (`zstd -d`, …).
+ * zstd runs in this process through the `zstd-napi` binding: a worker thread drives zstd's multi-threaded
+ * mode with vzdump's thread count and writes the compressed stream, while the main thread keeps reading
+ * and encoding; data in shared memory (the `vma` CLI's read buffers) is compressed in place. Against
+ * piping the stream to a `zstd` process this saves the copy through a 64 KiB pipe and a process; on this
+ * project's 2-core machines both measure about the same wall time (bench/vma.ts prints both), with less
+ * CPU for the in-process path. gzip (`gzip`/`pigz`) and lzo (`lzop`) run as the tools' own binaries, as
+ * vzdump runs them; reading pipes every format through the tool (`zstd -d`, …).
  *
  * @since 0.1.0
  */

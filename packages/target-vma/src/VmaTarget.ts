@@ -82,14 +82,15 @@ export const make = (options: VmaTargetOptions): BackupTargetService => {
           output,
           configs: request.configs,
           devices: request.devices,
-          ctime: request.startTime
+          ctime: request.startTime,
+          writeBehind: process.env.VZ_WB === "1"
         }).pipe(Effect.mapError(fail("Open")))
         const session: ArchiveSession = {
           openedLine: VzdumpLog.Messages.creatingVzdumpArchive(archivePath),
           logPath: NodePath.join(options.dumpdir, names.log),
           // the writer keeps views of the clusters of its unfinished extent (at most 58 × 64 KiB) until
           // the extent is complete and written out
-          bufferRetention: VMA_EXTENT_BYTES,
+          bufferRetention: process.env.VZ_WB === "1" ? 4 * VMA_EXTENT_BYTES : VMA_EXTENT_BYTES,
           // the session's devices are indexes into the request; VMA device ids start at 1
           writeData: (device, offset, data) =>
             Effect.mapError(writer.writeData(device + 1, offset, data), fail("Write")),
