@@ -1,5 +1,5 @@
 /**
- * Compression of VMA archives the way vzdump does it: the whole byte stream is piped through `zstd`,
+ * Compression of VMA archives the way vzdump does it: the whole byte stream goes through zstd,
  * `gzip`/`pigz` or `lzop`, with vzdump's options and file extensions; reading recognises the compressed
  * formats by their magic bytes.
  *
