@@ -1,6 +1,6 @@
 /**
  * PBS backup benchmark: `npx tsx bench/pbs.ts [--size 1G] [--runs 1] [--format raw|qcow2] [--dirty 1]
- * [--accel tcg|kvm|auto] [--profile <dir>]`.
+ * [--accel tcg|kvm|auto] [--upload-concurrency <n>] [--profile <dir>]`.
  *
  * The issue's goals, in one run: a full backup of a disk of `--size` (default 1 GiB, random data in 9 of
  * every 10 chunks of 4 MiB, holes in the rest) to the in-repo PBS test server must reach at least half
@@ -21,8 +21,9 @@
  *   (c) after HMP `qemu-io -d scsi0 "write -s <random file> <off> 4M"` to `--dirty` % of the chunks
  *       (4 MiB-aligned, spread over the disk), the incremental backup.
  * Each backup runs in its own child process (`node --import tsx bench/pbs.ts --child …`), so its peak
- * RSS (`process.resourceUsage().maxRSS`) is the backup client's alone; the PBS server runs in this
- * (parent) process, as a separate server would. Three times per backup:
+ * RSS (`process.resourceUsage().maxRSS`) is the backup client's alone; the PBS test server runs in a
+ * process of its own (`… --server <datastore>`, driven over Node's IPC channel), as a real server
+ * would. Three times per backup:
  *   - wall: `backupVm` from call to return (config lock, fleecing, transfer, finish, log upload, cleanup).
  *     The workflow polls the job's status once a second, so this rounds up to the next poll;
  *   - polled: from the log event `started backup task` to the first progress event with status `done`
@@ -31,17 +32,19 @@
  *     answered), taken by wrapping the target's session — independent of the poll, resolution 1 ms
  *     (event times are `Date.now()`).
  * Chunk counts come from the server's stats (uploaded, duplicates), the reused bytes from the job's
- * status. CPU seconds (user + system) per backup: the child's own (`process.cpuUsage`), this process's
- * (the server, mostly) and QEMU's (/proc/<pid>/stat); sha256sum's from /proc while it runs. On a
- * shared machine the CPU ratio (sha256sum CPU / client CPU) is the steadier figure.
+ * status. CPU seconds (user + system, all threads) per backup: the child's own (`process.cpuUsage`), the
+ * server's and QEMU's (/proc/<pid>/stat); sha256sum's from /proc while it runs. On a shared machine the
+ * CPU ratio (sha256sum CPU / client CPU) is the steadier figure. `--profile <dir>` writes V8 CPU
+ * profiles of each backup child (`--cpu-prof`) and of the server process during each backup.
  * Medians over `--runs` are printed; the process exits 0 when every step worked (goals missed are
  * reported, not failures). QEMU is stopped (and killed by PID as a backstop), children are killed by
  * PID, and the temp directory is removed at the end, also on failure or Ctrl-C.
  */
 import { Cause, Effect, Exit, Fiber, Layer, Redacted } from "effect"
-import { type ChildProcess, spawn, spawnSync } from "node:child_process"
+import { type ChildProcess, fork, spawn, spawnSync } from "node:child_process"
 import { randomFillSync } from "node:crypto"
 import * as fs from "node:fs"
+import * as inspector from "node:inspector"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -74,6 +77,8 @@ interface ChildJob {
   readonly configDir: string
   readonly runDir: string
   readonly fleeceDir: string
+  /** PbsTarget's chunk uploads in flight; its default when absent. */
+  readonly uploadConcurrency: number | undefined
 }
 
 interface ChildResult {
@@ -103,7 +108,7 @@ const childBackup = (job: ChildJob, secret: string) =>
       auth: { _tag: "ApiToken", tokenId: TOKEN_ID, secret: Redacted.make(secret) },
       fingerprint: job.fingerprint
     })
-    const pbs = yield* PbsTarget.make(client, { id: "bench" })
+    const pbs = yield* PbsTarget.make(client, { id: "bench", uploadConcurrency: job.uploadConcurrency })
     // the target as the workflow sees it, with the end of the session's `complete` time-stamped
     const target: BackupTargetService = {
       name: pbs.name,
@@ -170,6 +175,111 @@ const runChild = (job: ChildJob) =>
   )
 
 // -------------------------------------------------------------------------------------------------
+// server side: the PBS test server in a process of its own, driven over the IPC channel
+
+type ServerRequest =
+  | { readonly _tag: "Stats"; readonly id: number }
+  | { readonly _tag: "ProfileStart"; readonly id: number; readonly dir: string; readonly name: string }
+  | { readonly _tag: "ProfileStop"; readonly id: number }
+
+type ServerMessage =
+  | { readonly _tag: "Ready"; readonly port: number; readonly fingerprint: string }
+  | { readonly _tag: "Reply"; readonly id: number; readonly stats?: PbsTestServer.Stats }
+
+const runServer = (datastore: string) => {
+  const send = (message: ServerMessage) => process.send!(message)
+  const program = Effect.scoped(Effect.gen(function*() {
+    const server = yield* PbsTestServer.make({
+      datastores: [{ name: "bench", path: datastore }],
+      tokens: [{ tokenid: TOKEN_ID, secret: Redacted.make(process.env.BENCH_PBS_SECRET ?? "") }]
+    })
+    let stopProfile: (() => Promise<void>) | undefined
+    // serves until the parent disconnects
+    yield* Effect.async<void>((resume) => {
+      process.on("message", (request: ServerRequest) => {
+        switch (request._tag) {
+          case "Stats":
+            return send({ _tag: "Reply", id: request.id, stats: Effect.runSync(server.stats) })
+          case "ProfileStart":
+            return void profileThisProcess(request.dir, request.name).then((stop) => {
+              stopProfile = stop
+              send({ _tag: "Reply", id: request.id })
+            })
+          case "ProfileStop":
+            return void (stopProfile?.() ?? Promise.resolve()).then(() => {
+              stopProfile = undefined
+              send({ _tag: "Reply", id: request.id })
+            })
+        }
+      })
+      process.once("disconnect", () => resume(Effect.void))
+      send({ _tag: "Ready", port: server.port, fingerprint: server.fingerprint })
+    })
+  }))
+  Effect.runPromise(program).then(
+    () => process.exit(0),
+    (error: unknown) => {
+      process.stderr.write(`${error instanceof Error ? error.stack ?? error.message : String(error)}\n`)
+      process.exit(1)
+    }
+  )
+}
+
+interface ServerHandle {
+  readonly process: ChildProcess
+  readonly port: number
+  readonly fingerprint: string
+  readonly stats: () => Promise<PbsTestServer.Stats>
+  readonly profileStart: (dir: string, name: string) => Promise<void>
+  readonly profileStop: () => Promise<void>
+}
+
+/** Starts the server process (the token secret goes by environment) and waits until it listens. */
+const startServer = (datastore: string, secret: string, children: Set<ChildProcess>) =>
+  new Promise<ServerHandle>((resolve, reject) => {
+    const child = fork(self, ["--server", datastore], {
+      execArgv: ["--import", "tsx"],
+      stdio: ["ignore", "inherit", "inherit", "ipc"],
+      env: { ...process.env, BENCH_PBS_SECRET: secret }
+    })
+    children.add(child)
+    let nextId = 0
+    const pending = new Map<
+      number,
+      { readonly done: (message: ServerMessage & { _tag: "Reply" }) => void; readonly failed: (e: Error) => void }
+    >()
+    const request = (make: (id: number) => ServerRequest) =>
+      new Promise<ServerMessage & { _tag: "Reply" }>((done, failed) => {
+        const id = ++nextId
+        pending.set(id, { done, failed })
+        child.send(make(id))
+      })
+    child.on("message", (message: ServerMessage) => {
+      if (message._tag === "Ready") {
+        resolve({
+          process: child,
+          port: message.port,
+          fingerprint: message.fingerprint,
+          stats: () => request((id) => ({ _tag: "Stats", id })).then((reply) => reply.stats!),
+          profileStart: (dir, name) => request((id) => ({ _tag: "ProfileStart", id, dir, name })).then(() => {}),
+          profileStop: () => request((id) => ({ _tag: "ProfileStop", id })).then(() => {})
+        })
+      } else {
+        pending.get(message.id)?.done(message)
+        pending.delete(message.id)
+      }
+    })
+    child.on("error", reject)
+    child.on("exit", (code) => {
+      children.delete(child)
+      const error = new Error(`PBS test server process exited with ${code}`)
+      reject(error)
+      for (const waiter of pending.values()) waiter.failed(error)
+      pending.clear()
+    })
+  })
+
+// -------------------------------------------------------------------------------------------------
 // parent side
 
 
@@ -209,6 +319,16 @@ const cpuOf = (pid: number): number | undefined => {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8")
     const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
     return (Number(fields[11]) + Number(fields[12])) / clockTicks
+  } catch {
+    return undefined
+  }
+}
+
+/** The peak RSS (VmHWM) of a live process in KiB, from /proc/<pid>/status. */
+const peakRssOf = (pid: number): number | undefined => {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))
+    return m === null ? undefined : Number(m[1])
   } catch {
     return undefined
   }
@@ -266,6 +386,31 @@ const runBackupChild = (job: ChildJob, secret: string, profileDir: string | unde
     })
   })
 
+/**
+ * Starts V8's CPU profiler in this process (the PBS test server's); the returned function stops it and
+ * writes `<dir>/<name>.cpuprofile` (the format `--cpu-prof` writes, for the same tools).
+ */
+const profileThisProcess = (dir: string, name: string) =>
+  new Promise<() => Promise<void>>((resolve, reject) => {
+    const session = new inspector.Session()
+    session.connect()
+    session.post("Profiler.enable", () =>
+      session.post("Profiler.start", (error) => {
+        if (error !== null) return reject(error)
+        resolve(() =>
+          new Promise<void>((done, failed) =>
+            session.post("Profiler.stop", (stopError, result) => {
+              session.disconnect()
+              if (stopError !== null) return failed(stopError)
+              fs.mkdirSync(dir, { recursive: true })
+              fs.writeFileSync(path.join(dir, `${name}.cpuprofile`), JSON.stringify(result.profile))
+              done()
+            })
+          )
+        )
+      }))
+  })
+
 /** SIGTERM, then SIGKILL after 3 s, to a child this process started. */
 const killByPid = async (child: ChildProcess) => {
   if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return
@@ -296,9 +441,11 @@ interface BackupStats {
   readonly uploads: number
   readonly bytes: number
   readonly duplicates: number
-  /** CPU seconds of this process (the PBS test server, mostly) and of QEMU during the backup. */
+  /** CPU seconds of the PBS test server's process and of QEMU during the backup. */
   readonly serverCpu: number
   readonly qemuCpu: number
+  /** The server process's peak RSS so far. */
+  readonly serverPeakRssKiB: number
 }
 
 interface RunResult {
@@ -325,6 +472,9 @@ const program = Effect.gen(function*() {
     return yield* Effect.dieMessage(`--accel tcg|kvm|auto, not ${accel}`)
   }
   const profileArg = process.argv.includes("--profile") ? path.resolve(arg("--profile", "prof")) : undefined
+  const uploadConcurrency = process.argv.includes("--upload-concurrency")
+    ? Math.max(1, Number(arg("--upload-concurrency", "8")))
+    : undefined
   const chunks = size / CHUNK
   const dirtyChunks = Math.max(1, Math.round((chunks * dirtyPercent) / 100))
 
@@ -341,7 +491,11 @@ const program = Effect.gen(function*() {
   for (const d of [configDir, runDir, fleeceDir]) fs.mkdirSync(d, { recursive: true })
 
   // -- the disk ------------------------------------------------------------------------------------
-  out(`bench/pbs.ts: ${size / MiB} MiB ${format} disk in ${dir}, ${runs} run(s), accel ${accel}\n`)
+  out(
+    `bench/pbs.ts: ${size / MiB} MiB ${format} disk in ${dir}, ${runs} run(s), accel ${accel}, upload concurrency ${
+      uploadConcurrency ?? "default"
+    }\n`
+  )
   const raw = path.join(dir, "disk.raw")
   const dataBytes = makeMixed(raw, size)
   let disk = raw
@@ -408,24 +562,39 @@ const program = Effect.gen(function*() {
       const secret = `bench-${Math.random().toString(36).slice(2)}`
       const datastore = path.join(dir, `pbs-${r}`)
       yield* Effect.addFinalizer(() => Effect.sync(() => fs.rmSync(datastore, { recursive: true, force: true })))
-      const server = yield* PbsTestServer.make({
-        datastores: [{ name: "bench", path: datastore }],
-        tokens: [{ tokenid: TOKEN_ID, secret: Redacted.make(secret) }]
-      })
-      const job: ChildJob = { port: server.port, fingerprint: server.fingerprint, configDir, runDir, fleeceDir }
-      const backup = Effect.gen(function*() {
-        const before = yield* server.stats
-        const cpuBefore = process.cpuUsage()
+      // the server process ends before its datastore is removed
+      const server = yield* Effect.acquireRelease(
+        Effect.promise(() => startServer(datastore, secret, children)),
+        (server) => Effect.promise(() => killByPid(server.process))
+      )
+      const serverPid = server.process.pid!
+      const job: ChildJob = {
+        port: server.port,
+        fingerprint: server.fingerprint,
+        configDir,
+        runDir,
+        fleeceDir,
+        uploadConcurrency
+      }
+      const backup = (label: string) => Effect.gen(function*() {
+        const before = yield* Effect.promise(server.stats)
+        if (profileArg !== undefined) {
+          yield* Effect.promise(() => server.profileStart(profileArg, `server-run${r + 1}-${label}`))
+        }
+        const serverBefore = cpuOf(serverPid) ?? 0
         const qemuBefore = cpuOf(qemuPid) ?? 0
         const child = yield* Effect.promise(() => runBackupChild(job, secret, profileArg, children))
-        const cpu = process.cpuUsage(cpuBefore)
-        const after = yield* server.stats
+        const serverCpu = (cpuOf(serverPid) ?? serverBefore) - serverBefore
+        const qemuCpu = (cpuOf(qemuPid) ?? qemuBefore) - qemuBefore
+        if (profileArg !== undefined) yield* Effect.promise(server.profileStop)
+        const after = yield* Effect.promise(server.stats)
         const stats: BackupStats = {
           uploads: after.chunkUploads - before.chunkUploads,
           bytes: after.chunkUploadBytes - before.chunkUploadBytes,
           duplicates: after.duplicateChunks - before.duplicateChunks,
-          serverCpu: (cpu.user + cpu.system) / 1e6,
-          qemuCpu: (cpuOf(qemuPid) ?? qemuBefore) - qemuBefore
+          serverCpu,
+          qemuCpu,
+          serverPeakRssKiB: peakRssOf(serverPid) ?? 0
         }
         for (const line of child.lines) out(`  ${line}\n`)
         out(
@@ -440,7 +609,7 @@ const program = Effect.gen(function*() {
       })
 
       out("full backup:\n")
-      const full = yield* backup
+      const full = yield* backup("full")
       yield* Effect.sleep("1100 millis") // the next snapshot needs a newer backup time
 
       // --dirty % of the chunks, spread evenly, each rewritten with new random data
@@ -452,7 +621,7 @@ const program = Effect.gen(function*() {
       yield* hmp("qemu-io -d scsi0 \"flush\"")
       out(`the guest wrote ${dirtyChunks} × 4 MiB (${fmt((dirtyChunks * 100) / chunks, 2)} % of the disk)\n`)
       out("incremental backup:\n")
-      const inc = yield* backup
+      const inc = yield* backup("incremental")
       return { sha, full: full.child, inc: inc.child, fullStats: full.stats, incStats: inc.stats, dirtyChunks }
     }))
     results.push(result)
@@ -518,7 +687,7 @@ const program = Effect.gen(function*() {
   out(
     `backup client RSS before the backup (Node, tsx, Effect): ${
       fmt(med((r) => r.full.rssBeforeKiB)! / 1024, 0)
-    } MiB; parent (PBS test server + bench) peak RSS ${fmt(process.resourceUsage().maxRSS / 1024, 0)} MiB\n`
+    } MiB; PBS test server peak RSS ${fmt(med((r) => r.incStats.serverPeakRssKiB)! / 1024, 0)} MiB\n`
   )
   const shaCpu = med((r) => r.sha.cpuSeconds)!
   const clientCpu = med((r) => r.full.cpuSeconds)!
@@ -546,10 +715,12 @@ const program = Effect.gen(function*() {
       "the status poll is once a second, so it rounds up to a poll). polled = 'started backup task' to the first\n" +
       "'done' status (1 s poll granularity). transfer = 'started backup task' to the end of the PBS session's\n" +
       "finish, from a wrapped target session (ms resolution, independent of the poll). MiB/s: wall/transfer.\n" +
-      "CPU s: user+system of the backup child during backupVm / of this process (the PBS test server) / of\n" +
+      "CPU s: user+system of the backup child during backupVm / of the PBS test server's process / of\n" +
       "QEMU (NBD export, fleecing), each over the whole backup.\n"
   )
-  if (profileArg !== undefined) out(`CPU profiles of the backup children: ${profileArg}\n`)
+  if (profileArg !== undefined) {
+    out(`CPU profiles of the backup children (CPU.*) and of the PBS test server (server-*): ${profileArg}\n`)
+  }
 })
 
 const main = async () => {
@@ -570,6 +741,8 @@ const main = async () => {
 
 if (process.argv[2] === "--child") {
   void runChild(JSON.parse(process.argv[3]!) as ChildJob)
+} else if (process.argv[2] === "--server") {
+  runServer(process.argv[3]!)
 } else {
   void main()
 }

@@ -101,9 +101,14 @@ export interface BackupProtocol {
     wid: number,
     entries: ReadonlyArray<{ readonly digest: string; readonly offset: number }>
   ) => Effect.Effect<void, PbsError>
+  /** `blob` may come in parts (header, payload), sent one after the other without joining them. */
   readonly uploadFixedChunk: (
     wid: number,
-    chunk: { readonly digest: string; readonly size: number; readonly blob: Uint8Array }
+    chunk: {
+      readonly digest: string
+      readonly size: number
+      readonly blob: Uint8Array | ReadonlyArray<Uint8Array>
+    }
   ) => Effect.Effect<void, PbsError>
   readonly closeFixedIndex: (
     wid: number,
@@ -224,6 +229,13 @@ interface Ticket {
 }
 
 const TICKET_RENEW_MS = 15 * 60 * 1000
+
+const encodedSize = (blob: Uint8Array | ReadonlyArray<Uint8Array>): number => {
+  if (blob instanceof Uint8Array) return blob.length
+  let total = 0
+  for (const part of blob) total += part.length
+  return total
+}
 
 /**
  * Connects once to check the certificate and the credentials (ticket login, or `GET version`
@@ -354,7 +366,7 @@ export const make = Effect.fn("PbsClient.make")(function*(options: PbsClientOpti
           Effect.asVoid(conn.request({
             method: "POST",
             endpoint: "fixed_chunk",
-            query: { wid, digest: chunk.digest, size: chunk.size, "encoded-size": chunk.blob.length },
+            query: { wid, digest: chunk.digest, size: chunk.size, "encoded-size": encodedSize(chunk.blob) },
             body: chunk.blob
           })),
         closeFixedIndex: (wid, close) =>

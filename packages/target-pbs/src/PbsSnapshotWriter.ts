@@ -14,12 +14,15 @@ import * as fs from "node:fs"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
 import * as FiberSet from "effect/FiberSet"
 import type * as Scope from "effect/Scope"
 import type { CryptConfig } from "./CryptConfig.js"
 import * as DataBlob from "./DataBlob.js"
 import * as FixedIndex from "./FixedIndex.js"
+import * as Blob from "./internal/blob.js"
 import * as Bytes from "./internal/bytes.js"
+import * as Zstd from "./internal/zstd.js"
 import * as KeyConfig from "./KeyConfig.js"
 import * as Manifest from "./Manifest.js"
 import type { BackupProtocol, PbsClientService } from "./PbsClient.js"
@@ -39,6 +42,8 @@ export type ChunkInput =
 
 /**
  * The slot's bytes (its length must be the slot's length; an all-zero full chunk becomes the zero chunk).
+ * The writer reads them until the writes of the following `DriveWriter.retention` bytes have returned
+ * (it sends them without copying): leave them unchanged until then.
  *
  * @since 0.1.0
  * @category constructors
@@ -83,7 +88,7 @@ export interface SnapshotWriterOptions {
   readonly keyCreated?: number
   /** zstd level 1 where it helps. Default true. */
   readonly compress?: boolean
-  /** Chunk uploads in flight. Default 8. */
+  /** Chunk uploads in flight per drive (and slots a `data` buffer stays in use: `retention`). Default 8. */
   readonly uploadConcurrency?: number
   /** Deduplicate against the previous snapshot of the group. Default true. */
   readonly usePrevious?: boolean
@@ -164,6 +169,11 @@ export interface DriveWriter {
   /** Whether `reuse` inputs are possible (the previous snapshot has this drive, verified). */
   readonly hasPrevious: boolean
   readonly incremental: boolean
+  /**
+   * How many bytes of later slots must have been written (their `write` returned) before the writer
+   * no longer reads the bytes of a `data` slot: `uploadConcurrency` chunks.
+   */
+  readonly retention: number
   /** Feeds the next slot; waits while the upload window is full. */
   readonly write: (chunk: ChunkInput) => Effect.Effect<void, PbsError>
   /** The counters so far. */
@@ -273,6 +283,22 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
   const zeroDigest = FixedIndex.zeroChunkDigest(encryptWith)
   let zeroBlob: Buffer | undefined
 
+  // compression buffers of the chunk uploads: one per upload in flight whose frame is kept
+  const scratchSize = Zstd.compressBound(FixedIndex.CHUNK_SIZE)
+  const spare: Array<Buffer> = []
+  const takeScratch = (): Buffer => spare.pop() ?? Buffer.allocUnsafe(scratchSize)
+  const giveScratch = (buffer: Buffer) => {
+    if (spare.length <= concurrency) spare.push(buffer)
+  }
+  /** A chunk's blob as header and payload; the payload is the chunk itself when stored uncompressed. */
+  const encodeChunk = (bytes: Uint8Array) =>
+    Effect.suspend(() => {
+      const scratch = takeScratch()
+      const parts = Blob.encodeParts(bytes, { compress, crypt: encryptWith, scratch })
+      if (Either.isLeft(parts) || !parts.right.usesScratch) giveScratch(scratch)
+      return Either.map(parts, (parts) => ({ parts, scratch: parts.usesScratch ? scratch : undefined }))
+    })
+
   const openDrive = (device: string, size: number) =>
     Effect.gen(function*() {
       yield* checkUsable
@@ -308,7 +334,23 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
       )
       openArchives.add(archive)
 
-      const permits = yield* Effect.makeSemaphore(concurrency)
+      // uploads (and waits for chunks uploaded by an earlier slot) in flight, in slot order
+      const inflight: Array<{ readonly slot: number; readonly done: Deferred.Deferred<void> }> = []
+      /**
+       * Waits for the oldest work until fewer than `concurrency` are in flight (`room`) and none is
+       * older than `concurrency` slots before `slot`: so once `write` of slot s + concurrency has
+       * returned, nothing reads the bytes of slot s any more (`retention`).
+       */
+      const drain = (slot: number, room: boolean) =>
+        Effect.gen(function*() {
+          for (;;) {
+            const head = inflight[0]
+            if (head === undefined) return
+            if (!(room && inflight.length >= concurrency) && head.slot > slot - concurrency) return
+            yield* Deferred.await(head.done)
+            if (inflight[0] === head) inflight.shift()
+          }
+        })
       let nextSlot = 0
       let closed = false
       let appendQueue: Array<{ readonly digest: string; readonly offset: number }> = []
@@ -396,11 +438,12 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
           digests.set(digest, slot * 32)
           if (chunk._tag === "Reuse" && incremental && chunk.index === slot) {
             stats.reusedBytes += length
+            yield* drain(slot, false)
             return
           }
           const hex = Bytes.toHex(digest)
           const offset = slot * FixedIndex.CHUNK_SIZE
-          yield* permits.take(1)
+          yield* drain(slot, true)
           let work: Effect.Effect<void, PbsError>
           const pending = known.get(hex)
           if (pending !== undefined) {
@@ -408,31 +451,43 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
             stats.reusedBytes += length
             work = Deferred.await(pending)
           } else {
-            let blob: Buffer
+            let blob: Uint8Array | ReadonlyArray<Uint8Array>
+            let blobLength: number
+            let scratch: Buffer | undefined
             if (payload === undefined) {
-              zeroBlob ??= yield* encode(Bytes.zeroBuffer(FixedIndex.CHUNK_SIZE)).pipe(
-                Effect.tapError(() => permits.release(1))
-              )
+              zeroBlob ??= yield* encode(Bytes.zeroBuffer(FixedIndex.CHUNK_SIZE))
               blob = zeroBlob
+              blobLength = zeroBlob.length
             } else {
-              blob = yield* encode(payload).pipe(Effect.tapError(() => permits.release(1)))
+              const encoded = yield* encodeChunk(payload)
+              blob = [encoded.parts.header, encoded.parts.payload]
+              blobLength = encoded.parts.length
+              scratch = encoded.scratch
             }
             const done = yield* Deferred.make<void, PbsError>()
             known.set(hex, done)
             const upload = protocol.uploadFixedChunk(wid, { digest: hex, size: payload?.length ?? length, blob })
             stats.uploadedChunks += 1
-            stats.uploadedBytes += blob.length
+            stats.uploadedBytes += blobLength
             work = Effect.exit(upload).pipe(
+              Effect.tap(() =>
+                Effect.sync(() => {
+                  // the server has the whole body: the frame's buffer is free
+                  if (scratch !== undefined) giveScratch(scratch)
+                })
+              ),
               Effect.flatMap((exit) => Deferred.done(done, exit)),
               Effect.zipRight(Deferred.await(done))
             )
           }
+          const finished = yield* Deferred.make<void>()
+          inflight.push({ slot, done: finished })
           yield* FiberSet.run(
             fibers,
             work.pipe(
               Effect.zipRight(queueAppend({ digest: hex, offset })),
               Effect.catchAll(recordFailure),
-              Effect.ensuring(permits.release(1))
+              Effect.ensuring(Deferred.done(finished, Exit.void))
             )
           )
         }).pipe(Effect.tapError(recordFailure))
@@ -440,8 +495,7 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
       const close = Effect.gen(function*() {
         if (closed) return yield* Effect.fail(badState(`${archive} is closed`))
         closed = true
-        yield* permits.take(concurrency)
-        yield* permits.release(concurrency)
+        yield* drain(Number.POSITIVE_INFINITY, false)
         yield* checkUsable
         if (nextSlot !== count) {
           return yield* Effect.fail(badState(`${archive}: ${nextSlot} of ${count} chunks written`))
@@ -465,6 +519,7 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
         chunkCount: count,
         hasPrevious: previous !== undefined,
         incremental,
+        retention: concurrency * FixedIndex.CHUNK_SIZE,
         write,
         stats: Effect.sync((): DriveStats => ({ ...stats })),
         close

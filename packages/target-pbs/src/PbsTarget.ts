@@ -60,7 +60,10 @@ export interface PbsTargetOptions {
   readonly keyPassphrase?: Redacted.Redacted<string> | undefined
   /** RSA master public key (PEM) or the path of a PEM file: adds `rsa-encrypted.key.blob`. */
   readonly masterPublicKey?: string | undefined
-  /** Chunk uploads in flight per disk. Default 8. */
+  /**
+   * Chunk uploads in flight per disk. Default 8. Chunks are sent from the engine's read buffers, so
+   * this many chunks of them stay in use (`bufferRetention`).
+   */
   readonly uploadConcurrency?: number | undefined
   /** Deduplicate against the group's previous snapshot. Default true. */
   readonly usePrevious?: boolean | undefined
@@ -195,6 +198,8 @@ interface DeviceState {
   pending: Buffer | undefined
   filled: number
   pendingHasData: boolean
+  /** Gathered chunks handed to the writer, with their slots: reusable once it no longer reads them. */
+  readonly handed: Array<{ readonly buffer: Buffer; readonly slot: number }>
 }
 
 const CS = FixedIndex.CHUNK_SIZE
@@ -264,7 +269,8 @@ export const make = Effect.fn("PbsTarget.make")(function*(
           position: 0,
           pending: undefined,
           filled: 0,
-          pendingHasData: false
+          pendingHasData: false,
+          handed: []
         })
       }
 
@@ -308,6 +314,23 @@ export const make = Effect.fn("PbsTarget.make")(function*(
         return Effect.succeed(state)
       }
 
+      /**
+       * A zeroed buffer to gather chunk `slot` in: one handed to the writer `retention` chunks or
+       * more before, or a new one.
+       */
+      const gatherBuffer = (state: DeviceState, slot: number, length: number): Buffer => {
+        const slots = Math.ceil(state.drive.retention / CS)
+        const free = state.handed.findIndex((entry) =>
+          entry.buffer.length === length && slot - 1 >= entry.slot + slots
+        )
+        if (free < 0) {
+          if (state.handed.length > slots + 1) state.handed.shift()
+          return Buffer.alloc(length)
+        }
+        const [entry] = state.handed.splice(free, 1)
+        return entry!.buffer.fill(0)
+      }
+
       const put = (state: DeviceState, chunk: PbsSnapshotWriter.ChunkInput) =>
         Effect.mapError(state.drive.write(chunk), targetError("Write"))
 
@@ -331,7 +354,7 @@ export const make = Effect.fn("PbsTarget.make")(function*(
               state.position += slotLength
               continue
             }
-            state.pending ??= Buffer.alloc(slotLength)
+            state.pending ??= gatherBuffer(state, slot, slotLength)
             const take = Math.min(left, slotLength - state.filled)
             if (bytes !== undefined) {
               state.pending.set(bytes.subarray(done, done + take), state.filled)
@@ -342,11 +365,15 @@ export const make = Effect.fn("PbsTarget.make")(function*(
             state.position += take
             if (state.filled === slotLength) {
               const chunk = state.pending
-              yield* put(state, state.pendingHasData ? PbsSnapshotWriter.data(chunk) : PbsSnapshotWriter.zero)
-              // the writer has encoded the chunk: the buffer is free again
-              chunk.fill(0)
+              const hasData = state.pendingHasData
+              yield* put(state, hasData ? PbsSnapshotWriter.data(chunk) : PbsSnapshotWriter.zero)
               state.filled = 0
               state.pendingHasData = false
+              if (hasData) {
+                // the writer may still send it: a later chunk gathers elsewhere until it no longer does
+                state.handed.push({ buffer: chunk, slot })
+                state.pending = undefined
+              }
               if (FixedIndex.chunkLength(state.size, slot + 1) !== slotLength) state.pending = undefined
             }
           }
@@ -371,6 +398,8 @@ export const make = Effect.fn("PbsTarget.make")(function*(
         finished = yield* Effect.mapError(writer.finish, targetError("Commit"))
       })
       const session: ArchiveSession = {
+        // whole chunks go to the writer as views of the engine's buffers, sent without a copy
+        bufferRetention: devices.reduce((most, state) => Math.max(most, state.drive.retention), 0),
         openedLine: [
           VzdumpLog.Messages.creatingPbsArchive(`vm/${request.vmid}/${Snapshot.formatBackupTime(backupTime)}`),
           ...(crypt !== undefined

@@ -1,8 +1,11 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Either, Redacted } from "effect"
 import * as crypto from "node:crypto"
+import * as zstd from "zstd-napi"
 import * as CryptConfig from "../src/CryptConfig.js"
 import * as DataBlob from "../src/DataBlob.js"
+import * as Blob from "../src/internal/blob.js"
+import * as Zstd from "../src/internal/zstd.js"
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex")
 const key01 = Redacted.make(new Uint8Array(32).fill(1))
@@ -106,6 +109,39 @@ describe("DataBlob", () => {
       DataBlob.fixCrc(garbage, "compressed")
       assert.strictEqual((yield* Effect.flip(DataBlob.decode(garbage))).reason, "Decompress")
     }))
+
+  it("compresses with one reused zstd context exactly as a fresh level-1 compressor; no copies of raw chunks", () => {
+    const chunk = 4 * 1024 * 1024
+    const random = crypto.randomBytes(chunk)
+    const text = Buffer.alloc(chunk, "vzdump-ts writes PBS chunks ")
+    const mixed = Buffer.concat([random.subarray(0, chunk / 2), text.subarray(0, chunk / 2)])
+    const small = Buffer.from("memory: 512\nscsi0: local:100/vm-100-disk-0.raw\n")
+    const scratch = Buffer.alloc(Zstd.compressBound(chunk))
+    // the context is reused across inputs of all kinds and sizes, in an order that changes its state
+    for (const data of [text, random, small, mixed, text, small, random, mixed]) {
+      const fresh = zstd.compress(data, { compressionLevel: 1 })
+      const parts = Either.getOrThrow(Blob.encodeParts(data, { scratch }))
+      const blob = Either.getOrThrow(DataBlob.encodeSync(data))
+      assert.isTrue(blob.equals(Blob.join(parts)), "the joined parts are the blob")
+      if (fresh.length < data.length) {
+        assert.strictEqual(Either.getOrThrow(DataBlob.kindOf(blob)), "compressed")
+        assert.isTrue(Buffer.from(parts.payload).equals(fresh), "same frame as a fresh compressor")
+        assert.isTrue(parts.usesScratch)
+        assert.strictEqual(parts.payload.buffer, scratch.buffer, "the frame is in the lent buffer")
+      } else {
+        assert.strictEqual(Either.getOrThrow(DataBlob.kindOf(blob)), "uncompressed")
+        assert.strictEqual(parts.payload, data, "stored uncompressed: the input itself, not a copy")
+        assert.isFalse(parts.usesScratch)
+      }
+      assert.strictEqual(DataBlob.storedCrc(blob), DataBlob.computeCrc(blob, "uncompressed"))
+      assert.isTrue(Either.getOrThrow(DataBlob.decodeSync(blob)).equals(data))
+    }
+    // an uncompressed blob decodes to a copy (the view is only internal)
+    const blob = Either.getOrThrow(DataBlob.encodeSync(random))
+    const back = Either.getOrThrow(DataBlob.decodeSync(blob))
+    blob.fill(0)
+    assert.isTrue(back.equals(random))
+  })
 
   it.effect("refuses to encode more than 128 MiB", () =>
     Effect.gen(function*() {

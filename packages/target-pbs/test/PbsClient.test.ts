@@ -465,4 +465,60 @@ describe("PbsClient", () => {
       yield* writer.addConfig("memory: 512\n")
       yield* writer.finish
     }), { timeout: 60_000 })
+
+  it.scopedLive("sends data slots without copying them and reads them no longer than `retention` bytes", () =>
+    Effect.gen(function*() {
+      const { dir, server } = yield* startServer()
+      const real = yield* makeClient(server)
+      const first = Array.from({ length: 6 }, () => crypto.randomBytes(CS))
+      yield* Effect.scoped(Effect.gen(function*() {
+        const writer = yield* PbsSnapshotWriter.open(real, { backupId: "100", backupTime: T0 })
+        const drive = yield* writer.openDrive("scsi0", 6 * CS)
+        for (const bytes of first) yield* drive.write(PbsSnapshotWriter.data(bytes))
+        yield* drive.close
+        yield* writer.addConfig("memory: 512\n")
+        yield* writer.finish
+      }))
+
+      let uploadsDone = 0
+      // uploads start late: a writer that let go of a slot too early would send bytes changed meanwhile
+      const slow: PbsClient.PbsClientService = {
+        ...real,
+        openBackup: (id) =>
+          Effect.map(real.openBackup(id), (protocol) => ({
+            ...protocol,
+            uploadFixedChunk: (wid, chunk) =>
+              Effect.sleep("150 millis").pipe(
+                Effect.zipRight(protocol.uploadFixedChunk(wid, chunk)),
+                Effect.tap(() => Effect.sync(() => uploadsDone++))
+              )
+          }))
+      }
+      const writer = yield* PbsSnapshotWriter.open(slow, { backupId: "100", backupTime: T0 + 60, uploadConcurrency: 2 })
+      const drive = yield* writer.openDrive("scsi0", 6 * CS)
+      assert.isTrue(drive.incremental)
+      assert.strictEqual(drive.retention, 2 * CS)
+      // slots 1 and 2 are unchanged (reused: their writes return at once), the others new
+      const expected = first.map((bytes, slot) => slot === 1 || slot === 2 ? bytes : crypto.randomBytes(CS))
+      // one buffer per slot, each overwritten as soon as the contract allows it
+      const buffers = expected.map((bytes) => Buffer.from(bytes))
+      for (let slot = 0; slot < 6; slot++) {
+        yield* drive.write(
+          slot === 1 || slot === 2 ? PbsSnapshotWriter.reuse(slot) : PbsSnapshotWriter.data(buffers[slot]!)
+        )
+        const free = slot - drive.retention / CS
+        if (free >= 0) buffers[free]!.fill(0xee)
+      }
+      assert.isAtLeast(uploadsDone, 2, "the last write waited for the uploads of slots 0 and 3")
+      const result = yield* drive.close
+      assert.deepStrictEqual([result.uploadedChunks, result.reusedChunks], [4, 2])
+      yield* writer.addConfig("memory: 512\n")
+      yield* writer.finish
+      const restored = yield* Effect.scoped(Effect.flatMap(
+        PbsRestore.open(real, { backupId: "100", backupTime: T0 + 60 }),
+        (reader) => reader.restoreImage("drive-scsi0.img.fidx", path.join(dir, "restored.raw"))
+      ))
+      assert.strictEqual(restored.size, 6 * CS)
+      assert.isTrue(fs.readFileSync(path.join(dir, "restored.raw")).equals(Buffer.concat(expected)))
+    }), { timeout: 60_000 })
 })

@@ -10,6 +10,7 @@ import type { ArchiveRequest, ArchiveSession } from "@vzdump/core/BackupTarget"
 import * as CryptConfig from "../src/CryptConfig.js"
 import * as KeyConfig from "../src/KeyConfig.js"
 import * as Manifest from "../src/Manifest.js"
+import type * as PbsClient from "../src/PbsClient.js"
 import * as PbsTarget from "../src/PbsTarget.js"
 import * as PbsVmRestore from "../src/PbsVmRestore.js"
 import { CS, makeClient, settle, startServer, T0, TOKEN_ID, TOKEN_SECRET } from "./utils/fixtures.js"
@@ -203,6 +204,68 @@ describe("PbsTarget", () => {
         assert.isUndefined(session.incremental)
         assert.isUndefined(session.writeReused)
       }))
+    }), 60_000)
+
+  it.scopedLive("sends whole chunks from the caller's buffers, which it may reuse after `bufferRetention` bytes", () =>
+    Effect.gen(function*() {
+      const { dir, server } = yield* startServer()
+      const real = yield* makeClient(server)
+      // late uploads: a buffer reused too early would reach the server changed (wrong digest)
+      const slow: PbsClient.PbsClientService = {
+        ...real,
+        openBackup: (id) =>
+          Effect.map(real.openBackup(id), (protocol) => ({
+            ...protocol,
+            uploadFixedChunk: (wid, chunk) =>
+              Effect.zipRight(Effect.sleep("100 millis"), protocol.uploadFixedChunk(wid, chunk))
+          }))
+      }
+      const target = yield* PbsTarget.make(slow, { uploadConcurrency: 2 })
+      const scsi0 = crypto.randomBytes(6 * CS + 1000)
+      const virtio1 = crypto.randomBytes(5 * CS)
+      virtio1.fill(0, 2 * CS, 3 * CS)
+      const disks = [scsi0, virtio1]
+      let allocated = 0
+      let reused = 0
+      /** Like the stock engine: each read in a pooled buffer, reused once `bufferRetention` bytes followed. */
+      const feedRecycling = (session: ArchiveSession, device: number, disk: Buffer, piece: number) =>
+        Effect.gen(function*() {
+          const retention = session.bufferRetention!
+          const free: Array<Buffer> = []
+          const held: Array<{ readonly buffer: Buffer; after: number }> = []
+          for (let offset = 0; offset < disk.length; offset += piece) {
+            const part = disk.subarray(offset, Math.min(disk.length, offset + piece))
+            let buffer: Buffer | undefined
+            if (part.every((b) => b === 0)) yield* session.writeZeros(device, offset, part.length)
+            else {
+              buffer = free.pop()
+              if (buffer === undefined) {
+                buffer = Buffer.alloc(piece)
+                allocated++
+              } else reused++
+              part.copy(buffer)
+              yield* session.writeData(device, offset, buffer.subarray(0, part.length))
+            }
+            for (const entry of held) entry.after += part.length
+            while (held.length > 0 && held[0]!.after >= retention) {
+              const entry = held.shift()!
+              entry.buffer.fill(0xee)
+              free.push(entry.buffer)
+            }
+            if (buffer !== undefined) held.push({ buffer, after: 0 })
+          }
+        })
+      const session = yield* target.open(request(disks, T0))
+      assert.strictEqual(session.bufferRetention, 2 * CS)
+      // scsi0 in whole chunks (sent from these buffers), virtio1 in 1 MiB pieces (gathered by the target)
+      yield* feedRecycling(session, 0, scsi0, CS)
+      yield* feedRecycling(session, 1, virtio1, MiB)
+      yield* session.commit
+      assert.isAbove(reused, 0)
+      assert.isBelow(allocated, 20)
+      const restored = yield* PbsVmRestore.restoreVm(real, { vmid: 100, directory: path.join(dir, "r") })
+      assert.strictEqual(sha(fs.readFileSync(restored.disks[0]!.path)), sha(scsi0))
+      assert.strictEqual(sha(fs.readFileSync(restored.disks[1]!.path)), sha(virtio1))
     }), 60_000)
 
   it.scopedLive("writes must come in order and cover every byte; an aborted session leaves no snapshot", () =>

@@ -164,7 +164,8 @@ export interface H2RequestOptions {
   /** Endpoint name without leading slash, e.g. `fixed_chunk`. */
   readonly endpoint: string
   readonly query?: Readonly<Record<string, string | number | boolean | undefined>>
-  readonly body?: Uint8Array
+  /** The body, or its parts in order (written one after the other, without joining them). */
+  readonly body?: Uint8Array | ReadonlyArray<Uint8Array>
   readonly json?: unknown
 }
 
@@ -190,6 +191,12 @@ const queryString = (query: H2RequestOptions["query"]): string => {
 }
 
 const WINDOW = 2 ** 31 - 1
+
+const byteLength = (parts: ReadonlyArray<Uint8Array>): number => {
+  let total = 0
+  for (const part of parts) total += part.length
+  return total
+}
 
 /**
  * Upgrades a pinned connection to `protocol` with a GET on `path` and speaks HTTP/2 on the same
@@ -301,13 +308,19 @@ export const upgrade = (
           return
         }
         let stream: http2.ClientHttp2Stream
-        const body = opts.json !== undefined ? Buffer.from(JSON.stringify(opts.json)) : opts.body
+        const body: ReadonlyArray<Uint8Array> | undefined = opts.json !== undefined
+          ? [Buffer.from(JSON.stringify(opts.json))]
+          : opts.body === undefined
+          ? undefined
+          : opts.body instanceof Uint8Array
+          ? [opts.body]
+          : opts.body
         try {
           stream = session.request({
             ":method": method,
             ":path": `${path}${queryString(opts.query)}`,
             ...(opts.json !== undefined ? { "content-type": "application/json" } : {}),
-            ...(body !== undefined ? { "content-length": String(body.length) } : {})
+            ...(body !== undefined ? { "content-length": String(byteLength(body)) } : {})
           }, { endStream: body === undefined })
         } catch (error) {
           resume(Effect.fail(new PbsConnectionError({
@@ -337,14 +350,25 @@ export const upgrade = (
             ))
           } else finish(Effect.fail(statusError(method, path, status, data)))
         })
-        const onBroken = (error?: Error) =>
-          finish(Effect.fail(new PbsConnectionError({
-            reason: "Closed",
-            detail: `${method} ${path}: ${closedReason ?? error?.message ?? "stream closed before the answer"}`
-          })))
+        const onBroken = (error?: Error) => {
+          // every stream closes, most after their answer: build the error only when it is one
+          if (done) return
+          finish(Effect.fail(
+            new PbsConnectionError({
+              reason: "Closed",
+              detail: `${method} ${path}: ${closedReason ?? error?.message ?? "stream closed before the answer"}`
+            })
+          ))
+        }
         stream.on("error", onBroken)
         stream.on("close", () => onBroken())
-        if (body !== undefined) stream.end(body)
+        if (body !== undefined) {
+          // the parts go out as they are (DATA frames may span them): no joined copy of a chunk;
+          // corked, they are handed over together (`end` uncorks)
+          if (body.length > 1) stream.cork()
+          for (let i = 0; i < body.length - 1; i++) stream.write(body[i]!)
+          stream.end(body[body.length - 1])
+        }
         return Effect.sync(() => {
           if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL)
         })

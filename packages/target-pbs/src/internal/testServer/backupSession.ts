@@ -11,6 +11,7 @@ import * as DataBlob from "../../DataBlob.js"
 import * as FixedIndex from "../../FixedIndex.js"
 import * as Manifest from "../../Manifest.js"
 import type { SnapshotId } from "../../Snapshot.js"
+import * as Blob from "../blob.js"
 import { type ApiError, attempt, bail, parameterError } from "./apiError.js"
 import type { Identity } from "./auth.js"
 import * as Datastore from "./datastore.js"
@@ -248,23 +249,30 @@ export const make = (env: BackupEnv, server: ServerState): BackupSession => {
         min: DataBlob.PLAIN_HEADER_SIZE + 1,
         max: MAX_CHUNK + DataBlob.ENCRYPTED_HEADER_SIZE
       })
-      const blob = yield* request.body(encodedSize, "uploaded chunk is larger than announced.")
-      if (blob.length !== encodedSize) return yield* bail("uploaded chunk has unexpected size.")
-      const kind = DataBlob.kindOf(blob)
-      if (Either.isLeft(kind)) return yield* bail(kind.left.detail)
-      if (!DataBlob.isEncryptedKind(kind.right)) {
-        const verified = DataBlob.decodeSync(blob, {
-          skipCrc: true,
-          digest: Buffer.from(digest, "hex"),
-          maxSize: MAX_CHUNK
-        })
-        if (Either.isLeft(verified)) return yield* bail(verified.left.detail)
-        if (verified.right.length !== size) {
-          return yield* bail(`detected chunk with wrong length (${size} != ${verified.right.length})`)
-        }
-      }
-      DataBlob.fixCrc(blob, kind.right)
-      const inserted = yield* Datastore.insertChunk(env.store, digest, blob, kind.right)
+      // the body lands in a reused buffer: checked, stored, then given back
+      const body = yield* request.lentBody(encodedSize, "uploaded chunk is larger than announced.")
+      const inserted = yield* Effect.ensuring(
+        Effect.suspend(() => {
+          const blob = body.data
+          if (blob.length !== encodedSize) return bail("uploaded chunk has unexpected size.")
+          const kind = Blob.kindOf(blob)
+          if (Either.isLeft(kind)) return bail(kind.left.detail)
+          if (!Blob.isEncryptedKind(kind.right)) {
+            // decoded once, checked against the digest and the size (a view of the body when uncompressed)
+            const verified = Blob.decodeView(blob, {
+              skipCrc: true,
+              digest: Buffer.from(digest, "hex"),
+              maxSize: MAX_CHUNK
+            })
+            if (Either.isLeft(verified)) return bail(verified.left.detail)
+            const length = verified.right.data.length
+            if (length !== size) return bail(`detected chunk with wrong length (${size} != ${length})`)
+          }
+          DataBlob.fixCrc(blob, kind.right)
+          return Datastore.insertChunk(env.store, digest, blob, kind.right)
+        }),
+        Effect.sync(body.release)
+      )
       return { wid, digest, size, inserted }
     })
 

@@ -51,12 +51,7 @@ export const insertChunk = (
 ): Effect.Effect<{ readonly duplicate: boolean; readonly compressedSize: number }, ApiError> =>
   attempt(`inserting chunk ${digestHex} failed`, () => {
     const file = chunkPath(store, digestHex)
-    let existing: fs.Stats | undefined
-    try {
-      existing = fs.statSync(file)
-    } catch {
-      existing = undefined
-    }
+    const existing = fs.statSync(file, { throwIfNoEntry: false })
     if (existing !== undefined) {
       const now = new Date()
       if (existing.size === blob.length) {
@@ -79,8 +74,14 @@ export const insertChunk = (
         return { duplicate: true, compressedSize: blob.length }
       }
     }
-    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 })
-    writeAtomic(file, blob)
+    try {
+      writeAtomic(file, blob)
+    } catch (error) {
+      // the prefix directory is made when its first chunk arrives (not checked before every chunk)
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o750 })
+      writeAtomic(file, blob)
+    }
     return { duplicate: false, compressedSize: blob.length }
   })
 

@@ -1,45 +1,16 @@
 /**
- * HTTP plumbing of the test server: wrapping an upgraded socket in a JavaScript `Duplex` (handing
- * the socket itself to `node:http2` aborts Node 20), serving HTTP/2 on it, collecting bodies with
- * a limit, parameter extraction and replies (JSON `{"data": …}` or raw bytes; errors as a status
- * with a plain-text body and a JSON content type, as PBS does).
+ * HTTP plumbing of the test server: serving HTTP/2 on an upgraded socket (once the `101` answer is
+ * written: handing over a socket with a write in progress aborts Node 20), collecting bodies with
+ * a limit (chunk bodies into reused buffers), parameter extraction and replies (JSON `{"data": …}`
+ * or raw bytes; errors as a status with a plain-text body and a JSON content type, as PBS does).
  */
 import * as http2 from "node:http2"
-import type * as net from "node:net"
-import { Duplex } from "node:stream"
+import type * as tls from "node:tls"
 import * as Effect from "effect/Effect"
 import { ApiError, bail } from "./apiError.js"
 import * as Params from "./params.js"
 
 export const JSON_CONTENT_TYPE = "application/json;charset=UTF-8"
-
-/** A `Duplex` over the upgraded socket, with the bytes that arrived with the upgrade pushed back. */
-export const wrapSocket = (socket: net.Socket, head: Buffer): Duplex => {
-  const duplex = new Duplex({
-    read() {
-      socket.resume()
-    },
-    write(chunk, _encoding, callback) {
-      socket.write(chunk, callback)
-    },
-    final(callback) {
-      socket.end()
-      callback()
-    },
-    destroy(error, callback) {
-      socket.destroy()
-      callback(error)
-    }
-  })
-  if (head.length > 0) duplex.push(head)
-  socket.on("data", (chunk: Buffer) => {
-    if (!duplex.push(chunk)) socket.pause()
-  })
-  socket.on("end", () => duplex.push(null))
-  socket.on("error", (error) => duplex.destroy(error))
-  socket.on("close", () => duplex.destroy())
-  return duplex
-}
 
 export type Reply =
   | { readonly _tag: "Json"; readonly data: unknown }
@@ -58,7 +29,89 @@ export interface H2Request {
   readonly contentType: string | undefined
   /** Collects the body; fails with `tooLarge` (400) once it exceeds `limit` bytes. */
   readonly body: (limit: number, tooLarge: string) => Effect.Effect<Buffer, ApiError>
+  /**
+   * Collects a body of announced size like `body`, into one buffer of `limit` bytes (lent from a
+   * pool for chunk-sized limits); `release` gives it back (after it, `data` may change).
+   */
+  readonly lentBody: (limit: number, tooLarge: string) => Effect.Effect<LentBody, ApiError>
 }
+
+export interface LentBody {
+  readonly data: Buffer
+  readonly release: () => void
+}
+
+/**
+ * Bodies of large chunks, up to a 4 MiB chunk's largest blob, are collected in reused buffers (no
+ * fresh memory per chunk); small and larger ones in buffers of their own.
+ */
+const LENT_CAPACITY = 4 * 1024 * 1024 + 44
+const lendable: Array<Buffer> = []
+const lend = (limit: number): Buffer =>
+  limit > 1024 * 1024 && limit <= LENT_CAPACITY
+    ? lendable.pop() ?? Buffer.allocUnsafe(LENT_CAPACITY)
+    : Buffer.allocUnsafe(limit)
+const giveBack = (buffer: Buffer): void => {
+  if (buffer.length === LENT_CAPACITY && lendable.length < 16) lendable.push(buffer)
+}
+
+const collectLent = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: string) =>
+  Effect.async<LentBody, ApiError>((resume) => {
+    let target: Buffer | undefined
+    let total = 0
+    let done = false
+    const finish = (effect: Effect.Effect<LentBody, ApiError>) => {
+      if (done) return
+      done = true
+      cleanup()
+      resume(effect)
+    }
+    const drop = () => {
+      if (target !== undefined) giveBack(target)
+      target = undefined
+    }
+    const onData = (chunk: Buffer) => {
+      if (total + chunk.length > limit) {
+        drop()
+        finish(bail(tooLarge))
+        return
+      }
+      target ??= lend(limit)
+      target.set(chunk, total)
+      total += chunk.length
+    }
+    const onEnd = () => {
+      const buffer = target ?? Buffer.alloc(0)
+      let released = false
+      finish(Effect.succeed({
+        data: buffer.subarray(0, total),
+        release: () => {
+          if (released) return
+          released = true
+          if (target !== undefined) giveBack(target)
+        }
+      }))
+    }
+    const onClose = () => {
+      drop()
+      finish(bail("connection closed while receiving the request body"))
+    }
+    const cleanup = () => {
+      stream.off("data", onData)
+      stream.off("end", onEnd)
+      stream.off("close", onClose)
+      stream.off("error", onClose)
+      stream.resume()
+    }
+    stream.on("data", onData)
+    stream.on("end", onEnd)
+    stream.on("close", onClose)
+    stream.on("error", onClose)
+    return Effect.sync(() => {
+      if (!done) drop()
+      cleanup()
+    })
+  })
 
 const collect = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: string) =>
   Effect.async<Buffer, ApiError>((resume) => {
@@ -132,31 +185,36 @@ export interface ServeOptions {
   readonly onClose: () => void
 }
 
-/** Serves HTTP/2 (prior knowledge) on an upgraded connection with PBS's window and frame sizes. */
-export const serve = (duplex: Duplex, options: ServeOptions): http2.Http2Server => {
-  const window = 32 * 1024 * 1024
-  const server = http2.createServer({
-    settings: { initialWindowSize: window, maxFrameSize: 4 * 1024 * 1024 },
-    maxSessionMemory: 512
-  })
+const WINDOW = 32 * 1024 * 1024
+const SETTINGS: http2.Settings = { initialWindowSize: WINDOW, maxFrameSize: 4 * 1024 * 1024 }
+
+/**
+ * Serves HTTP/2 (prior knowledge) on an upgraded connection with PBS's window and frame sizes.
+ * Call it once the `101` answer has been written (its write callback): Node 20 aborts when HTTP/2
+ * takes over a socket with a write in progress. The session reads the socket's own handle (TLS
+ * records decrypted straight into HTTP/2, no JavaScript stream in between); bytes that came with
+ * the upgrade request go back into the socket first.
+ */
+export const serve = (socket: tls.TLSSocket, head: Buffer, options: ServeOptions): http2.ServerHttp2Session => {
+  if (head.length > 0) socket.unshift(head)
+  const session = http2.performServerHandshake(socket, { settings: SETTINGS, maxSessionMemory: 512 })
   let closed = false
   const close = () => {
     if (closed) return
     closed = true
     options.onClose()
   }
-  server.on("session", (session) => {
-    session.on("error", () => {})
-    session.on("close", close)
-    session.once("localSettings", () => {
-      try {
-        session.setLocalWindowSize(window)
-      } catch {
-        // session already gone
-      }
-    })
+  session.on("error", () => {})
+  session.on("close", close)
+  socket.on("close", close)
+  session.once("localSettings", () => {
+    try {
+      session.setLocalWindowSize(WINDOW)
+    } catch {
+      // session already gone
+    }
   })
-  server.on("stream", (stream, headers) => {
+  session.on("stream", (stream, headers) => {
     stream.on("error", () => {})
     const url = new URL(String(headers[":path"] ?? "/"), "http://localhost")
     const contentType = headers["content-type"]
@@ -165,10 +223,9 @@ export const serve = (duplex: Duplex, options: ServeOptions): http2.Http2Server 
       path: url.pathname,
       query: url.searchParams,
       contentType: typeof contentType === "string" ? contentType : undefined,
-      body: (limit, tooLarge) => collect(stream, limit, tooLarge)
+      body: (limit, tooLarge) => collect(stream, limit, tooLarge),
+      lentBody: (limit, tooLarge) => collectLent(stream, limit, tooLarge)
     })
   })
-  duplex.on("close", close)
-  server.emit("connection", duplex)
-  return server
+  return session
 }

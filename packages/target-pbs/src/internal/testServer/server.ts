@@ -471,35 +471,42 @@ export const start = (config: ServerConfig): Effect.Effect<Running, Error> =>
         session.close()
       }
       socket.once("close", closeSession)
+      const serve = () =>
+        H2.serve(socket, head, {
+          onClose: closeSession,
+          onStream: (stream, request) => {
+            stats.h2Requests += 1
+            const verdict = record(socket, {
+              protocol,
+              method: request.method,
+              path: request.path,
+              query: request.query.toString()
+            })
+            if (verdict === "drop") {
+              socket.destroy()
+              return
+            }
+            runFork(
+              session.route(request).pipe(
+                Effect.match({
+                  onFailure: (error) => H2.respond(stream, error),
+                  onSuccess: (reply) => H2.respond(stream, reply)
+                })
+              )
+            )
+          }
+        })
+      // HTTP/2 takes the socket over once the 101 answer is out (see `H2.serve`)
       socket.write(
         `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${
           protocol === "backup" ? BACKUP_PROTOCOL : READER_PROTOCOL
-        }\r\nConnection: upgrade\r\n\r\n`
-      )
-      H2.serve(H2.wrapSocket(socket, head), {
-        onClose: closeSession,
-        onStream: (stream, request) => {
-          stats.h2Requests += 1
-          const verdict = record(socket, {
-            protocol,
-            method: request.method,
-            path: request.path,
-            query: request.query.toString()
-          })
-          if (verdict === "drop") {
-            socket.destroy()
-            return
-          }
-          runFork(
-            session.route(request).pipe(
-              Effect.match({
-                onFailure: (error) => H2.respond(stream, error),
-                onSuccess: (reply) => H2.respond(stream, reply)
-              })
-            )
-          )
+        }\r\nConnection: upgrade\r\n\r\n`,
+        (error) => {
+          if (error === undefined || error === null) {
+            if (!socket.destroyed) serve()
+          } else socket.destroy()
         }
-      })
+      )
     }
 
     const onUpgrade = (req: http.IncomingMessage, rawSocket: net.Socket, head: Buffer) => {
