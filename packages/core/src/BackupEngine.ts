@@ -84,6 +84,12 @@ export interface RunningBackup {
   readonly cancel: Effect.Effect<void>
   /** Per-drive dirty-bitmap outcome, for vzdump's `dirty-bitmap status` lines. */
   readonly bitmapInfo?: ReadonlyArray<BitmapInfo> | undefined
+  /**
+   * Completes once the job has ended (done, failed or cancelled), when the engine can tell. The
+   * workflow still polls `status` once a second for vzdump's progress lines, but reads the final
+   * status as soon as this completes instead of sleeping out the second.
+   */
+  readonly settled?: Effect.Effect<void> | undefined
 }
 
 /**

@@ -30,6 +30,7 @@ import type { GuestAgentService } from "@vzdump/qmp/GuestAgent"
 import { BackupEngine, BackupEngineError } from "./BackupEngine.js"
 import type { EngineDevice, RunningBackup } from "./BackupEngine.js"
 import { BackupReporter } from "./BackupReporter.js"
+import { awaitJob } from "./internal/awaitJob.js"
 import type { BackupStatus } from "./BackupStatus.js"
 import { BackupTarget } from "./BackupTarget.js"
 import type { ArchiveResult } from "./BackupTarget.js"
@@ -40,7 +41,6 @@ import * as VmArchiveConfig from "./VmArchiveConfig.js"
 import * as VmConfig from "./VmConfig.js"
 import * as VmVolumes from "./VmVolumes.js"
 import * as VzdumpLog from "./VzdumpLog.js"
-import * as VzdumpProgress from "./VzdumpProgress.js"
 
 /**
  * vzdump's backup modes for VMs.
@@ -203,38 +203,6 @@ const frozen = (
         if (ok && thawed) window.seconds = (yield* unixSeconds) - started
       })
   )
-
-/**
- * vzdump's status loop: polls the job (at once, then once a second) and logs the progress lines
- * until it is done; fails with the job's error message.
- */
-const awaitJob = (job: RunningBackup, engine: string, log: JobLog, isTemplate: boolean) =>
-  Effect.gen(function*() {
-    const begin = VzdumpProgress.start({
-      jobUuid: job.uuid,
-      now: yield* wholeSeconds,
-      bitmapInfo: job.bitmapInfo,
-      isTemplate
-    })
-    yield* log.entries(begin.lines.map(VzdumpLog.info))
-    let state = begin.state
-    while (true) {
-      const last = yield* job.status
-      yield* log.progress(last)
-      const step = VzdumpProgress.step(state, last, yield* wholeSeconds)
-      state = step.state
-      yield* log.entries(step.lines.map(VzdumpLog.info))
-      if (step.outcome._tag === "Failed") {
-        return yield* new BackupEngineError({ engine, reason: "Transfer", detail: step.outcome.message })
-      }
-      if (step.outcome._tag === "Done") {
-        const summary = VzdumpProgress.finish(state, yield* wholeSeconds)
-        yield* log.entries(summary.lines.map(VzdumpLog.info))
-        return last
-      }
-      yield* Effect.sleep("1 second")
-    }
-  })
 
 const QEMU_IOTHREAD_BACKUP = { major: 4, minor: 0, micro: 1 }
 
