@@ -11,15 +11,19 @@
  *
  *   (a) `nbdcopy <export> null:` (its default: 4 connections, extents) — the reference;
  *   (b) our NbdClient reading the same export in order through `stream()`, discarding the data, with
- *       several option sets (the engine's current call, buffer release, several connections);
+ *       several option sets (buffers released or not, as the engine reads, 4 MiB requests, several
+ *       connections);
  *   (c) our NbdClient → VmaWriter → an uncompressed .vma file (the engine's data path), and the real
  *       StockEngine + VmaTarget (compress 0) driven directly (status polled every 10 ms, not once a
- *       second as the workflow does) after the bench's own fleecing has been removed;
+ *       second as the workflow does), with its defaults and with 4 MiB requests (its reads before #4);
+ *       each round removes the bench's own fleecing for these and sets it up again afterwards;
  *   (d) the sparse disk against the dense one, through our client (ratio of times).
  *
  * Our client runs in child processes (`node --import tsx bench/engine.ts --child …`), so each peak RSS
- * (`process.resourceUsage().maxRSS`) belongs to one measurement; the RSS before the transfer (Node, tsx,
- * Effect, connection) is shown beside it. nbdcopy's peak RSS is read from /proc/<pid>/status (VmHWM).
+ * (`process.resourceUsage().maxRSS`) and CPU time (`process.cpuUsage()`) belongs to one measurement; the
+ * RSS before the transfer (Node, tsx, Effect, connection) is shown beside it. nbdcopy's peak RSS is read
+ * from /proc/<pid>/status (VmHWM), its CPU time from our children's times, QEMU's from /proc/<pid>/stat.
+ * On this 2-core machine a case's wall time is bounded below by (our CPU + QEMU's CPU) / 2.
  * Content is checked once (sha256 of the stream against `sha256sum` of the image). Processes are killed
  * by PID and every file is removed at the end.
  */
@@ -52,10 +56,14 @@ interface ReadJob {
   readonly chunkSize: number
   readonly concurrency: number
   readonly maxInFlight: number
+  /** Largest NBD read request (default: the client's, 2 MiB). */
+  readonly maxRequestSize?: number
   readonly release: boolean
   readonly hash: boolean
   /** mode "vma": the archive file to write. */
   readonly vma?: string
+  /** Files or directories to delete (then `sync`) just before the clock starts (see `archives` in main). */
+  readonly drop?: ReadonlyArray<string>
 }
 
 interface EngineJob {
@@ -66,6 +74,15 @@ interface EngineJob {
   readonly virtdev: string
   readonly size: number
   readonly file: string
+  /** StockEngine options beyond the directories (chunkSize, concurrency, connections, requestSize). */
+  readonly options?: {
+    readonly chunkSize?: number
+    readonly concurrency?: number
+    readonly connections?: number
+    readonly requestSize?: number
+  }
+  /** Files or directories to delete (then `sync`) just before the clock starts (see `archives` in main). */
+  readonly drop?: ReadonlyArray<string>
 }
 
 type ChildJob = ReadJob | EngineJob
@@ -77,23 +94,54 @@ interface ChildResult {
   readonly sha256?: string
   readonly rssBeforeKiB: number
   readonly peakRssKiB: number
+  /** CPU seconds (user + system) of the child from connect to the end of the transfer. */
+  readonly cpuSeconds: number
+  /**
+   * Engine runs: seconds until the status first shows transferred bytes (prepare, fleecing, NBD
+   * connect, first chunk), from there until the status leaves `active`, and the rest (the archive's
+   * commit and the engine's cleanup). Status is polled every 10 ms.
+   */
+  readonly phases?: { readonly setUp: number; readonly transfer: number; readonly finish: number }
+}
+
+/** Deletes what an earlier case wrote and flushes, so this case's page cache gets that memory. */
+const drop = (paths: ReadonlyArray<string> | undefined) => {
+  if (paths === undefined) return
+  for (const p of paths) fs.rmSync(p, { recursive: true, force: true })
+  spawnSync("sync", [], { stdio: "ignore" })
+}
+
+/** CPU seconds (user + system) since `since`. */
+const cpuSince = (since: NodeJS.CpuUsage) => {
+  const d = process.cpuUsage(since)
+  return (d.user + d.system) / 1e6
 }
 
 const childRead = (job: ReadJob) =>
   Effect.scoped(Effect.gen(function*() {
+    // loaded here (before the clock starts), so the read cases do not depend on other packages' state
+    const vma = job.mode === "vma"
+      ? {
+        VmaOutput: yield* Effect.promise(() => import("@vzdump/target-vma/VmaOutput")),
+        VmaWriter: yield* Effect.promise(() => import("@vzdump/target-vma/VmaWriter"))
+      }
+      : undefined
+    drop(job.drop)
     const started = performance.now()
+    const cpu0 = process.cpuUsage()
     const client = yield* NbdClient.make({
       path: job.socket,
       exportName: job.exportName,
       connections: job.connections,
-      maxInFlight: job.maxInFlight
+      maxInFlight: job.maxInFlight,
+      ...(job.maxRequestSize === undefined ? {} : { maxRequestSize: job.maxRequestSize })
     })
     const rssBeforeKiB = process.resourceUsage().maxRSS
     const hash = job.hash ? createHash("sha256") : undefined
     let bytes = 0
     let dataBytes = 0
     const stream = client.stream({ chunkSize: job.chunkSize, concurrency: job.concurrency })
-    if (job.mode === "read") {
+    if (vma === undefined) {
       yield* Stream.runForEach(stream, (chunk) =>
         Effect.sync(() => {
           bytes += chunk.length
@@ -106,11 +154,8 @@ const childRead = (job: ReadJob) =>
           }
         }))
     } else {
-      // loaded here, so the read cases do not depend on other packages' state
-      const VmaOutput = yield* Effect.promise(() => import("@vzdump/target-vma/VmaOutput"))
-      const VmaWriter = yield* Effect.promise(() => import("@vzdump/target-vma/VmaWriter"))
-      const output = yield* VmaOutput.file(job.vma!)
-      const writer = yield* VmaWriter.make({
+      const output = yield* vma.VmaOutput.file(job.vma!)
+      const writer = yield* vma.VmaWriter.make({
         output,
         configs: [{ name: "qemu-server.conf", data: "memory: 128\n" }],
         devices: [{ name: "drive-scsi0", size: client.info.size }]
@@ -140,7 +185,8 @@ const childRead = (job: ReadJob) =>
       dataBytes,
       ...(hash === undefined ? {} : { sha256: hash.digest("hex") }),
       rssBeforeKiB,
-      peakRssKiB: process.resourceUsage().maxRSS
+      peakRssKiB: process.resourceUsage().maxRSS,
+      cpuSeconds: cpuSince(cpu0)
     }
     return result
   }))
@@ -152,12 +198,15 @@ const childEngine = (job: EngineJob) =>
     const VmaTarget = yield* Effect.promise(() => import("@vzdump/target-vma/VmaTarget"))
     const qmp = yield* QmpClient.make({ address: job.qmp })
     const engine = yield* Effect.provide(
-      StockEngine.make({ fleeceDir: job.workDir, socketDir: job.workDir }),
+      StockEngine.make({ ...job.options, fleeceDir: job.workDir, socketDir: job.workDir }),
       HostCommand.layer
     )
     const target = VmaTarget.make({ dumpdir: job.dumpdir, compress: "0" })
+    drop(job.drop)
     const rssBeforeKiB = process.resourceUsage().maxRSS
     const started = performance.now()
+    const cpu0 = process.cpuUsage()
+    const phases = { firstBytes: 0, done: 0 }
     const result = yield* Effect.scoped(Effect.gen(function*() {
       const archive = yield* target.open({
         vmid: 900,
@@ -183,12 +232,14 @@ const childEngine = (job: EngineJob) =>
       const running = yield* engine.start(engineJob)
       while (true) {
         const status = yield* running.status
+        if ((status.transferred ?? 0) > 0 && phases.firstBytes === 0) phases.firstBytes = performance.now()
         if (status.status !== "active") {
           if (status.status !== "done") return yield* Effect.dieMessage(`backup failed: ${status.errmsg}`)
           break
         }
         yield* Effect.sleep("10 millis")
       }
+      phases.done = performance.now()
       return yield* archive.commit
     }))
     const childResult: ChildResult = {
@@ -196,7 +247,13 @@ const childEngine = (job: EngineJob) =>
       bytes: job.size,
       dataBytes: result.size ?? 0,
       rssBeforeKiB,
-      peakRssKiB: process.resourceUsage().maxRSS
+      peakRssKiB: process.resourceUsage().maxRSS,
+      cpuSeconds: cpuSince(cpu0),
+      phases: {
+        setUp: (phases.firstBytes - started) / 1000,
+        transfer: (phases.done - phases.firstBytes) / 1000,
+        finish: (performance.now() - phases.done) / 1000
+      }
     }
     return childResult
   })).pipe(Effect.provide(NodeQmpTransport.layer))
@@ -220,8 +277,24 @@ interface Sample {
   readonly seconds: number
   readonly peakRssKiB: number
   readonly rssBeforeKiB?: number
+  /** User + system CPU seconds of the measured process. */
+  readonly cpuSeconds: number
+  /** QEMU's CPU seconds during the case. */
+  readonly qemuCpuSeconds?: number
+  readonly phases?: ChildResult["phases"]
 }
 
+/** `/proc/<pid>/stat` counts in USER_HZ (100 on Linux). */
+const USER_HZ = 100
+
+/** CPU seconds of a process (utime + stime), or of its waited-for children (cutime + cstime). */
+const procCpuSeconds = (pid: number | "self", children = false) => {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8")
+  // fields after "(comm) ": state is field 3, utime 14, stime 15, cutime 16, cstime 17
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+  const at = children ? 13 : 11
+  return (Number(f[at]) + Number(f[at + 1])) / USER_HZ
+}
 
 
 const arg = (name: string, fallback: string) => {
@@ -234,6 +307,8 @@ const hasTool = (name: string) => spawnSync("sh", ["-c", `command -v ${name}`], 
 /** Runs a program to completion, polling /proc/<pid>/status for its peak RSS. */
 const runTimed = (command: string, args: ReadonlyArray<string>) =>
   new Promise<Sample>((resolve, reject) => {
+    // the child's CPU shows in our children's times once it has been waited for (before "exit" fires)
+    const cpuBefore = procCpuSeconds("self", true)
     const start = process.hrtime.bigint()
     const child = spawn(command, args, { stdio: ["ignore", "ignore", "pipe"] })
     let stderr = ""
@@ -255,7 +330,7 @@ const runTimed = (command: string, args: ReadonlyArray<string>) =>
       clearInterval(timer)
       const seconds = Number(process.hrtime.bigint() - start) / 1e9
       if (code !== 0) reject(new Error(`${command} ${args.join(" ")} exited with ${code}: ${stderr}`))
-      else resolve({ seconds, peakRssKiB: peak })
+      else resolve({ seconds, peakRssKiB: peak, cpuSeconds: procCpuSeconds("self", true) - cpuBefore })
     })
   })
 
@@ -280,11 +355,6 @@ const runJob = (job: ChildJob) =>
       resolve(JSON.parse(line) as ChildResult)
     })
   })
-
-/** Flushes dirty pages, so no step pays for the previous one's writeback. */
-const settle = () => {
-  spawnSync("sync", [], { stdio: "ignore" })
-}
 
 const sha256sum = (file: string) => spawnSync("sha256sum", [file], { encoding: "utf8" }).stdout.split(" ")[0]!
 
@@ -484,11 +554,22 @@ const main = async () => {
     out(`QEMU ${qemu.child.pid} (paused, TCG) exports the fleeced disks at ${nbdSocket}\n`)
 
     // option sets of our client
-    const engineToday = { connections: 1, chunkSize: 4 * MiB, concurrency: 4, maxInFlight: 4, release: false }
-    const recommended = { connections: 1, chunkSize: 4 * MiB, concurrency: 4, maxInFlight: 4, release: true }
-    const twoConns = { connections: 2, chunkSize: 4 * MiB, concurrency: 4, maxInFlight: 2, release: true }
-    const fourConns = { connections: 4, chunkSize: 4 * MiB, concurrency: 8, maxInFlight: 2, release: true }
-    const readJob = (virtdev: string, o: typeof recommended, hash = false): ReadJob => ({
+    type ReadOptions = Pick<
+      ReadJob,
+      "connections" | "chunkSize" | "concurrency" | "maxInFlight" | "maxRequestSize" | "release"
+    >
+    const noRelease: ReadOptions = {
+      connections: 1,
+      chunkSize: 4 * MiB,
+      concurrency: 4,
+      maxInFlight: 16,
+      release: false
+    }
+    const asEngine: ReadOptions = { ...noRelease, release: true }
+    const bigRequests: ReadOptions = { ...asEngine, maxRequestSize: 4 * MiB }
+    const twoConns: ReadOptions = { ...asEngine, connections: 2, maxInFlight: 8 }
+    const fourConns: ReadOptions = { ...asEngine, connections: 4, concurrency: 8, maxInFlight: 4 }
+    const readJob = (virtdev: string, o: ReadOptions, hash = false): ReadJob => ({
       mode: "read",
       socket: nbdSocket,
       exportName: virtdev,
@@ -498,7 +579,7 @@ const main = async () => {
 
     // content check, not timed
     for (const [disk, sha] of [[mixed, expected.mixed], [dense, expected.dense]] as const) {
-      for (const o of [recommended, fourConns]) {
+      for (const o of [asEngine, fourConns]) {
         const r = await runJob(readJob(disk.virtdev, o, true))
         if (r.sha256 !== sha) throw new Error(`${disk.virtdev}: stream sha256 ${r.sha256} != image ${sha}`)
       }
@@ -506,8 +587,36 @@ const main = async () => {
     out("content check: stream sha256 = sha256sum of the image (1 and 4 connections) ✓\n\n")
 
     const vmaFile = path.join(dir, "out.vma")
-    const vmaJob = (o: typeof recommended): ReadJob => ({ ...readJob(mixed.virtdev, o), mode: "vma", vma: vmaFile })
-    const cases: Array<{ name: string; run: () => Promise<Sample>; group: "mixed" | "sparse" | "vma" }> = [
+    const dumpdir = path.join(dir, "dump")
+    const ballast = path.join(dir, "ballast")
+    // Every case that writes an archive first deletes, in its own process just before its clock
+    // starts, the archive written before (or, for the first one, a ballast file of the same size), so
+    // the page cache it fills gets memory that was in use a moment ago. In this VM (Firecracker, with
+    // virtio-balloon free page reporting) memory that has been free for more than a few seconds is much
+    // slower to touch again: writing 1 GiB into the page cache then cost 1.5 instead of 0.3 CPU-seconds
+    // (kernel copy), which would charge one case for the idle time before it.
+    const archives = [ballast, vmaFile, dumpdir]
+    fs.writeFileSync(ballast, Buffer.alloc(size, 1))
+    spawnSync("sync", [], { stdio: "ignore" })
+    const vmaJob = (o: ReadOptions): ReadJob => ({
+      ...readJob(mixed.virtdev, o),
+      mode: "vma",
+      vma: vmaFile,
+      drop: archives
+    })
+    const engineJob = (options?: EngineJob["options"]): EngineJob => ({
+      mode: "engine",
+      qmp: qmpSocket,
+      workDir: dir,
+      dumpdir,
+      virtdev: mixed.virtdev,
+      size,
+      file: mixed.file,
+      drop: archives,
+      ...(options === undefined ? {} : { options })
+    })
+    type Group = "mixed" | "sparse" | "vma" | "engine"
+    const cases: Array<{ name: string; run: () => Promise<Sample>; group: Group }> = [
       {
         name: "(a) nbdcopy null: (4 conns)",
         group: "mixed",
@@ -518,10 +627,19 @@ const main = async () => {
         group: "mixed",
         run: () => runTimed("nbdcopy", ["--connections=1", uri(mixed.virtdev), "null:"])
       },
-      { name: "(b) ours, no buffer release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, engineToday)) },
-      { name: "    ours, + release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, recommended)) },
+      { name: "(b) ours, no buffer release", group: "mixed", run: () => runJob(readJob(mixed.virtdev, noRelease)) },
       {
-        name: "    ours, 2 conns, conc 4, release",
+        name: "    ours, + release (as the engine)",
+        group: "mixed",
+        run: () => runJob(readJob(mixed.virtdev, asEngine))
+      },
+      {
+        name: "    ours, 4 MiB requests, release",
+        group: "mixed",
+        run: () => runJob(readJob(mixed.virtdev, bigRequests))
+      },
+      {
+        name: "    ours, 2 conns, release",
         group: "mixed",
         run: () => runJob(readJob(mixed.virtdev, twoConns))
       },
@@ -533,85 +651,86 @@ const main = async () => {
       {
         name: "(c) ours → VmaWriter file, no release",
         group: "vma",
-        run: async () => {
-          fs.rmSync(vmaFile, { force: true })
-          settle()
-          return runJob(vmaJob(engineToday))
-        }
+        run: () => runJob(vmaJob(noRelease))
       },
       {
         name: "    ours → VmaWriter file, release",
         group: "vma",
-        run: async () => {
-          fs.rmSync(vmaFile, { force: true })
-          settle()
-          return runJob(vmaJob(recommended))
-        }
+        run: () => runJob(vmaJob(asEngine))
+      },
+      // the real engine fleeces the same disk and starts its own NBD server: these run with the bench's
+      // fleecing removed (see the rounds below)
+      { name: "(c) StockEngine + VmaTarget, compress 0", group: "engine", run: () => runJob(engineJob()) },
+      {
+        name: "    same, 4 MiB requests (before #4)",
+        group: "engine",
+        run: () => runJob(engineJob({ requestSize: 4 * MiB }))
       },
       { name: "(d) sparse: nbdcopy", group: "sparse", run: () => runTimed("nbdcopy", [uri(sparse.virtdev), "null:"]) },
       { name: "    dense: nbdcopy", group: "sparse", run: () => runTimed("nbdcopy", [uri(dense.virtdev), "null:"]) },
-      { name: "    sparse: ours, release", group: "sparse", run: () => runJob(readJob(sparse.virtdev, recommended)) },
-      { name: "    dense: ours, release", group: "sparse", run: () => runJob(readJob(dense.virtdev, recommended)) },
+      { name: "    sparse: ours, release", group: "sparse", run: () => runJob(readJob(sparse.virtdev, asEngine)) },
+      { name: "    dense: ours, release", group: "sparse", run: () => runJob(readJob(dense.virtdev, asEngine)) },
       {
         name: "    sparse: ours, no release",
         group: "sparse",
-        run: () => runJob(readJob(sparse.virtdev, engineToday))
+        run: () => runJob(readJob(sparse.virtdev, noRelease))
       }
     ]
+    const qemuPid = qemu.child.pid!
     const samples = new Map<string, Array<Sample>>(cases.map((c) => [c.name, []]))
-    for (let round = 0; round < runs; round++) {
-      for (const c of cases) samples.get(c.name)!.push(await c.run())
+    const measure = async (c: (typeof cases)[number]) => {
+      const before = procCpuSeconds(qemuPid)
+      const sample = await c.run()
+      samples.get(c.name)!.push({ ...sample, qemuCpuSeconds: procCpuSeconds(qemuPid) - before })
     }
-    fs.rmSync(vmaFile, { force: true })
-
-    // (c) the real engine: the bench's fleecing must go first (the engine fleeces the same disk), and
-    // the QMP socket serves one client at a time
-    await qmpSession(qmpSocket, (qmp) => unfleece(qmp, disks))
-    const dumpdir = path.join(dir, "dump")
-    const engineName = "(c) StockEngine + VmaTarget, compress 0"
-    samples.set(engineName, [])
+    // every round runs every case, so all see similar load from the other users of the machine; the
+    // engine cases need the bench's fleecing out of the way (QEMU runs one NBD server, and the QMP socket
+    // serves one client at a time)
     let engineFailure: string | undefined
-    for (let round = 0; round < runs && engineFailure === undefined; round++) {
-      fs.rmSync(dumpdir, { recursive: true, force: true })
-      settle()
+    for (let round = 0; round < runs; round++) {
+      for (const c of cases.filter((c) => c.group !== "engine")) await measure(c)
+      if (engineFailure !== undefined) continue
+      await qmpSession(qmpSocket, (qmp) => unfleece(qmp, disks))
       try {
-        samples.get(engineName)!.push(
-          await runJob({
-            mode: "engine",
-            qmp: qmpSocket,
-            workDir: dir,
-            dumpdir,
-            virtdev: mixed.virtdev,
-            size,
-            file: mixed.file
-          })
-        )
+        for (const c of cases.filter((c) => c.group === "engine")) await measure(c)
       } catch (error) {
         // the engine belongs to another package and may be mid-change: report, do not fail the bench
         engineFailure = (error instanceof Error ? error.message : String(error)).split("\n").slice(0, 3).join(" ")
       }
+      if (round + 1 < runs) await qmpSession(qmpSocket, (qmp) => fleece(qmp, dir, disks, nbdSocket))
     }
-    fs.rmSync(dumpdir, { recursive: true, force: true })
+    for (const p of archives) fs.rmSync(p, { recursive: true, force: true })
 
     // table
     const med = (name: string) => median(samples.get(name)!.map((s) => s.seconds))
     const reference = med(cases[0]!.name)
     const header = `${pad("case", 40)} ${lpad("median s", 9)} ${lpad("MiB/s", 7)} ${lpad("× nbdcopy", 9)} ` +
-      `${lpad("peak RSS", 9)} ${lpad("before", 7)}  runs (s)\n`
+      `${lpad("CPU s", 6)} ${lpad("QEMU s", 6)} ${lpad("peak RSS", 9)} ${lpad("before", 7)}  runs (s)\n`
     const row = (name: string, bytes: number, ratio: string) => {
       const list = samples.get(name)!
+      if (list.length === 0) return
       const m = median(list.map((s) => s.seconds))
+      const cpu = fmt(median(list.map((s) => s.cpuSeconds)), 2)
+      const qemuCpu = fmt(median(list.map((s) => s.qemuCpuSeconds ?? 0)), 2)
       const peak = median(list.map((s) => s.peakRssKiB)) / 1024
       const before = list[0]!.rssBeforeKiB === undefined ? "" : fmt(median(list.map((s) => s.rssBeforeKiB!)) / 1024, 0)
       out(
         `${pad(name, 40)} ${lpad(fmt(m, 3), 9)} ${lpad(fmt(bytes / MiB / m, 0), 7)} ${lpad(ratio, 9)} ` +
-          `${lpad(fmt(peak, 0), 5)} MiB ${lpad(before, 7)}  ${list.map((s) => fmt(s.seconds, 2)).join(" ")}\n`
+          `${lpad(cpu, 6)} ${lpad(qemuCpu, 6)} ${lpad(fmt(peak, 0), 5)} MiB ${lpad(before, 7)}  ` +
+          `${list.map((s) => fmt(s.seconds, 2)).join(" ")}\n`
       )
     }
     out(`${size / MiB} MiB disk (${fmt(mixedData / MiB, 0)} MiB data), fleece export, warm page cache:\n${header}`)
     for (const c of cases.filter((c) => c.group !== "sparse")) row(c.name, size, fmt(med(c.name) / reference, 2))
-    if (engineFailure === undefined) row(engineName, size, fmt(med(engineName) / reference, 2))
-    else out(`${pad(engineName, 40)} skipped: ${engineFailure.slice(0, 300)}\n`)
+    if (engineFailure !== undefined) out(`${pad("(c) StockEngine", 40)} failed: ${engineFailure.slice(0, 300)}\n`)
+    for (const c of cases.filter((c) => c.group === "engine" && samples.get(c.name)!.length > 0)) {
+      const phases = samples.get(c.name)!.map((s) => s.phases!)
+      out(
+        `${pad(c.name.trim(), 40)} phases (medians): set-up ${fmt(median(phases.map((p) => p.setUp)), 3)} s, ` +
+          `transfer ${fmt(median(phases.map((p) => p.transfer)), 3)} s, ` +
+          `commit + cleanup ${fmt(median(phases.map((p) => p.finish)), 3)} s\n`
+      )
+    }
     out(`\n${sparseSize / GiB} GiB disk with 64 MiB of data vs a dense 64 MiB disk (ratio: sparse / dense):\n${header}`)
     for (const c of cases.filter((c) => c.group === "sparse")) {
       const isSparse = c.name.includes("sparse")
@@ -620,9 +739,10 @@ const main = async () => {
     }
     out(
       "\nours = child process: connect + stream, excluding Node start-up; 'before' = its RSS after loading and\n" +
-        "connecting (Node, tsx, Effect). '(c) StockEngine' covers prepare, fleece set-up, transfer, commit and\n" +
-        "cleanup, not QEMU start; it reads as the engine does (1 connection, buffers recycled after the VMA\n" +
-        "writer's retention).\n"
+        "connecting (Node, tsx, Effect). 'CPU s' = user + system CPU of that process (nbdcopy: of nbdcopy),\n" +
+        "'QEMU s' = QEMU's during the case (it serves the NBD export). '(c) StockEngine' covers prepare, fleece\n" +
+        "set-up, transfer, commit and cleanup, not QEMU start; it reads as the engine does (1 connection, 2 MiB\n" +
+        "requests, buffers recycled after the VMA writer's retention).\n"
     )
   } finally {
     if (qemu !== undefined) await killByPid(qemu.child)

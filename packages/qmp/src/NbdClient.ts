@@ -30,7 +30,6 @@ import type * as Stream from "effect/Stream"
 import { Connection, type Link } from "./internal/nbdConnection.js"
 import { ConnectionGroup } from "./internal/nbdGroup.js"
 import * as errors from "./internal/nbdErrors.js"
-import * as P from "./internal/nbdProtocol.js"
 import * as transfer from "./internal/nbdTransfer.js"
 
 // -------------------------------------------------------------------------------------------------
@@ -361,7 +360,12 @@ export interface NbdClientOptionsBase {
    * read-only exports (a backup's fleece export): writes are not coordinated across connections.
    */
   readonly connections?: number
-  /** Upper bound for one read request, further capped by the server's maximum (default 32 MiB). */
+  /**
+   * Upper bound for one read request, further capped by the server's maximum (default 2 MiB). Larger
+   * chunks are split into several pipelined requests. QEMU 7.2's NBD server spends much more CPU per
+   * byte on reads above 2 MiB (about 0.7 instead of 0.4 CPU-seconds per GiB at 4 MiB), so bigger
+   * requests only pay off with other servers.
+   */
   readonly maxRequestSize?: number
   /** Negotiate structured replies (default true; needed for holes and block status). */
   readonly structuredReplies?: boolean
@@ -381,6 +385,9 @@ export type NbdClientOptions =
 
 // -------------------------------------------------------------------------------------------------
 // constants
+
+/** Default of {@link NbdClientOptionsBase.maxRequestSize}. */
+const DEFAULT_REQUEST_SIZE = 2 * 1024 * 1024
 
 /**
  * `base:allocation` flag: the extent is unallocated.
@@ -508,7 +515,7 @@ export const make: (
           exportName,
           structuredReplies: options.structuredReplies ?? true,
           metaContexts,
-          maxRequestSize: options.maxRequestSize ?? P.DEFAULT_MAX_BLOCK
+          maxRequestSize: options.maxRequestSize ?? DEFAULT_REQUEST_SIZE
         })
       )
       return { conn, info }

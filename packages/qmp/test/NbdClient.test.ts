@@ -661,6 +661,34 @@ describe("NbdClient with several connections and reused buffers", () => {
       ]]]))
     }), TIMEOUT)
 
+  it.scopedLive.skipIf(!hasNbdkit)("reads go out as requests of at most 2 MiB unless maxRequestSize differs", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const img = yield* randomRaw(dir, SIZE)
+      const logged = (log: string) =>
+        Array.from(
+          Fs.readFileSync(log, "utf8").matchAll(/ Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)/g),
+          (m) => ({ offset: parseInt(m[1], 16), count: parseInt(m[2], 16) })
+        ).sort((a, b) => a.offset - b.offset)
+      for (const [maxRequestSize, expected] of [[undefined, 2 * MiB], [4 * MiB, 4 * MiB], [MiB, MiB]] as const) {
+        const socket = Path.join(dir, `kit-${expected}.sock`)
+        const log = Path.join(dir, `kit-${expected}.log`)
+        yield* nbdkit(socket, ["--filter=log", "file", `file=${img.raw}`, `logfile=${log}`])
+        const client = yield* NbdClient.make({
+          path: socket,
+          ...(maxRequestSize === undefined ? {} : { maxRequestSize })
+        })
+        const result = yield* hashStream(client.stream({ chunkSize: 4 * MiB, useAllocation: false }), 1)
+        assert.strictEqual(result.sha256, img.sha256)
+        assert.deepStrictEqual(result.tags, ["Data", "Data", "Data", "Data"])
+        // each 4 MiB chunk was split into requests of `expected` bytes, covering the export once
+        assert.deepStrictEqual(
+          logged(log),
+          Array.from({ length: SIZE / expected }, (_, i) => ({ offset: i * expected, count: expected }))
+        )
+      }
+    }), TIMEOUT)
+
   it.scopedLive.skipIf(!hasQemu)("qemu-nbd, 3 connections: the same chunks and bytes as one connection", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

@@ -82,15 +82,14 @@ export const make = (options: VmaTargetOptions): BackupTargetService => {
           output,
           configs: request.configs,
           devices: request.devices,
-          ctime: request.startTime,
-          writeBehind: process.env.VZ_WB === "1"
+          ctime: request.startTime
         }).pipe(Effect.mapError(fail("Open")))
         const session: ArchiveSession = {
           openedLine: VzdumpLog.Messages.creatingVzdumpArchive(archivePath),
           logPath: NodePath.join(options.dumpdir, names.log),
           // the writer keeps views of the clusters of its unfinished extent (at most 58 × 64 KiB) until
           // the extent is complete and written out
-          bufferRetention: process.env.VZ_WB === "1" ? 4 * VMA_EXTENT_BYTES : VMA_EXTENT_BYTES,
+          bufferRetention: VMA_EXTENT_BYTES,
           // the session's devices are indexes into the request; VMA device ids start at 1
           writeData: (device, offset, data) =>
             Effect.mapError(writer.writeData(device + 1, offset, data), fail("Write")),
