@@ -24,6 +24,9 @@ import * as io from "./io.js"
 
 const SLOT_SIZE = 4 * 1024 * 1024
 const SLOTS = 4
+/** The worker's output buffers; one goes out when less than OUT_SLACK bytes are left in it. */
+const OUT_SIZE = 2 * 1024 * 1024
+const OUT_SLACK = 128 * 1024
 /** Shared chunks at least this large are compressed in place rather than copied into a slot. */
 const IN_PLACE_MIN = 64 * 1024
 
@@ -41,63 +44,109 @@ type FromWorker =
   | { readonly error: { readonly operation: string; readonly code?: string; readonly message: string } }
 
 /**
- * The worker: compresses each slot it is given and writes the output with blocking writes (retrying
- * EAGAIN on non-blocking pipes), then gives the slot back.
+ * The worker: feeds each slot or shared chunk it is given to zstd and gives it back once zstd has taken
+ * it; the output goes out through a ring of buffers written in order with asynchronous writes (EAGAIN on
+ * non-blocking pipes retried), so feeding zstd never waits for the kernel's copy.
  */
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require("node:worker_threads")
 const fs = require("node:fs")
 const zstd = require(workerData.binding)
-const { fd, level, threads, slots, outSize } = workerData
+const { fd, level, threads, slots, outSize, slack } = workerData
 const views = slots.map((s) => Buffer.from(s))
-const out = Buffer.allocUnsafe(outSize)
-const pause = new Int32Array(new SharedArrayBuffer(4))
-const writeOut = (length) => {
-  let at = 0
-  while (at < length) {
-    try {
-      at += fs.writeSync(fd, out, at, length - at)
-    } catch (e) {
-      if (e.code === "EAGAIN") { Atomics.wait(pause, 0, 0, 2); continue }
-      throw Object.assign(e, { operation: "write" })
+// Output buffers: filled by zstd on this thread, written in order on libuv's pool, so zstd is fed
+// while the kernel copies.
+const freeOut = [0, 1, 2, 3].map(() => Buffer.allocUnsafe(outSize))
+const writes = []
+let writing = false
+let current = null
+let used = 0
+const inputs = []
+let active = null
+let ending = false
+let failed = false
+let cctx
+const fail = (e, operation) => {
+  if (failed) return
+  failed = true
+  parentPort.postMessage({
+    error: { operation, code: typeof e.code === "string" ? e.code : undefined, message: String(e.message) }
+  })
+}
+const nextWrite = () => {
+  if (writing || failed) return
+  const w = writes.shift()
+  if (w === undefined) {
+    if (ending && active === null && inputs.length === 0 && current === null) parentPort.postMessage({ done: true })
+    return
+  }
+  writing = true
+  const step = (at) => {
+    fs.write(fd, w.buffer, at, w.length - at, null, (e, n) => {
+      if (e && e.code === "EAGAIN") return void setTimeout(() => step(at), 2)
+      if (e) return fail(e, "write")
+      if (at + n < w.length) return step(at + n)
+      writing = false
+      freeOut.push(w.buffer)
+      nextWrite()
+      pump()
+    })
+  }
+  step(0)
+}
+const handOver = () => {
+  if (current !== null && used > 0) writes.push({ buffer: current, length: used })
+  else if (current !== null) freeOut.push(current)
+  current = null
+  used = 0
+  nextWrite()
+}
+const pump = () => {
+  try {
+    while (!failed) {
+      if (active === null) {
+        const m = inputs.shift()
+        if (m === undefined) return
+        active = m.end === true
+          ? { end: true, src: new Uint8Array(0) }
+          : { m, src: m.shared !== undefined ? new Uint8Array(m.shared, m.offset, m.length) : views[m.slot].subarray(0, m.length) }
+      }
+      if (current === null) {
+        if (freeOut.length === 0) return
+        current = freeOut.pop()
+        used = 0
+      }
+      const r = cctx.compressStream2(current.subarray(used), active.src, active.end ? zstd.EndDirective.end : zstd.EndDirective.continue)
+      used += r[1]
+      active.src = active.src.subarray(r[2])
+      if (outSize - used < slack) handOver()
+      if (active.end === true) {
+        if (r[0] === 0) {
+          active = null
+          ending = true
+          handOver()
+        }
+      } else if (active.src.length === 0) {
+        const m = active.m
+        active = null
+        parentPort.postMessage(m.shared !== undefined ? { consumed: m.id } : { free: m.slot })
+      }
     }
+  } catch (e) {
+    fail(e, "compress")
   }
 }
-let cctx
 try {
   cctx = new zstd.CCtx()
   cctx.setParameter(zstd.CParameter.compressionLevel, level)
   cctx.setParameter(zstd.CParameter.checksumFlag, 1)
   cctx.setParameter(zstd.CParameter.nbWorkers, threads)
 } catch (e) {
-  parentPort.postMessage({ error: { operation: "compress", message: String(e && e.message || e) } })
+  fail(e, "compress")
 }
 parentPort.on("message", (m) => {
-  if (cctx === undefined) return
-  try {
-    if (m.end === true) {
-      let remaining = 1
-      while (remaining !== 0) {
-        const r = cctx.compressStream2(out, new Uint8Array(0), zstd.EndDirective.end)
-        remaining = r[0]
-        writeOut(r[1])
-      }
-      parentPort.postMessage({ done: true })
-      return
-    }
-    let src = m.shared !== undefined ? new Uint8Array(m.shared, m.offset, m.length) : views[m.slot].subarray(0, m.length)
-    while (src.length > 0) {
-      const r = cctx.compressStream2(out, src, zstd.EndDirective.continue)
-      writeOut(r[1])
-      src = src.subarray(r[2])
-    }
-    parentPort.postMessage(m.shared !== undefined ? { consumed: m.id } : { free: m.slot })
-  } catch (e) {
-    cctx = undefined
-    parentPort.postMessage({
-      error: { operation: e.operation || "compress", code: typeof e.code === "string" ? e.code : undefined, message: String(e.message) }
-    })
-  }
+  inputs.push(m)
+  pump()
 })
 `
 
@@ -130,7 +179,8 @@ export const make = (
               level: options.level,
               threads: Math.max(1, options.threads),
               slots,
-              outSize: SLOT_SIZE
+              outSize: OUT_SIZE,
+              slack: OUT_SLACK
             }
           }),
         catch: (cause) => io.ioError("compress", name, cause)
