@@ -55,45 +55,33 @@ const giveBack = (buffer: Buffer): void => {
   if (buffer.length === LENT_CAPACITY && lendable.length < 16) lendable.push(buffer)
 }
 
-const collectLent = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: string) =>
-  Effect.async<LentBody, ApiError>((resume) => {
-    let target: Buffer | undefined
-    let total = 0
+/** Where a body's chunks go while it is received. */
+interface BodySink<A> {
+  /** Takes a chunk; `false` when it takes the body past its limit. */
+  readonly data: (chunk: Buffer) => boolean
+  readonly end: () => A
+  /** The body was refused or the stream dropped: give up what was collected. */
+  readonly drop: () => void
+}
+
+/** Receives a request body into `sink`; fails with `tooLarge` past the limit, or when the stream drops. */
+const receive = <A>(stream: http2.ServerHttp2Stream, tooLarge: string, sink: BodySink<A>) =>
+  Effect.async<A, ApiError>((resume) => {
     let done = false
-    const finish = (effect: Effect.Effect<LentBody, ApiError>) => {
+    const finish = (effect: Effect.Effect<A, ApiError>) => {
       if (done) return
       done = true
       cleanup()
       resume(effect)
     }
-    const drop = () => {
-      if (target !== undefined) giveBack(target)
-      target = undefined
-    }
     const onData = (chunk: Buffer) => {
-      if (total + chunk.length > limit) {
-        drop()
-        finish(bail(tooLarge))
-        return
-      }
-      target ??= lend(limit)
-      target.set(chunk, total)
-      total += chunk.length
+      if (sink.data(chunk)) return
+      sink.drop()
+      finish(bail(tooLarge))
     }
-    const onEnd = () => {
-      const buffer = target ?? Buffer.alloc(0)
-      let released = false
-      finish(Effect.succeed({
-        data: buffer.subarray(0, total),
-        release: () => {
-          if (released) return
-          released = true
-          if (target !== undefined) giveBack(target)
-        }
-      }))
-    }
+    const onEnd = () => finish(Effect.sync(sink.end))
     const onClose = () => {
-      drop()
+      sink.drop()
       finish(bail("connection closed while receiving the request body"))
     }
     const cleanup = () => {
@@ -108,41 +96,58 @@ const collectLent = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: s
     stream.on("close", onClose)
     stream.on("error", onClose)
     return Effect.sync(() => {
-      if (!done) drop()
+      if (!done) sink.drop()
       cleanup()
     })
   })
 
+const collectLent = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: string) =>
+  Effect.suspend(() => {
+    let target: Buffer | undefined
+    let total = 0
+    return receive<LentBody>(stream, tooLarge, {
+      data: (chunk) => {
+        if (total + chunk.length > limit) return false
+        target ??= lend(limit)
+        target.set(chunk, total)
+        total += chunk.length
+        return true
+      },
+      end: () => {
+        const lent = target
+        let released = false
+        return {
+          data: (lent ?? Buffer.alloc(0)).subarray(0, total),
+          release: () => {
+            if (released) return
+            released = true
+            if (lent !== undefined) giveBack(lent)
+          }
+        }
+      },
+      drop: () => {
+        if (target !== undefined) giveBack(target)
+        target = undefined
+      }
+    })
+  })
+
 const collect = (stream: http2.ServerHttp2Stream, limit: number, tooLarge: string) =>
-  Effect.async<Buffer, ApiError>((resume) => {
+  Effect.suspend(() => {
     const chunks: Array<Buffer> = []
     let total = 0
-    let done = false
-    const finish = (effect: Effect.Effect<Buffer, ApiError>) => {
-      if (done) return
-      done = true
-      cleanup()
-      resume(effect)
-    }
-    const onData = (chunk: Buffer) => {
-      total += chunk.length
-      if (total > limit) finish(bail(tooLarge))
-      else chunks.push(chunk)
-    }
-    const onEnd = () => finish(Effect.succeed(Buffer.concat(chunks, total)))
-    const onClose = () => finish(bail("connection closed while receiving the request body"))
-    const cleanup = () => {
-      stream.off("data", onData)
-      stream.off("end", onEnd)
-      stream.off("close", onClose)
-      stream.off("error", onClose)
-      stream.resume()
-    }
-    stream.on("data", onData)
-    stream.on("end", onEnd)
-    stream.on("close", onClose)
-    stream.on("error", onClose)
-    return Effect.sync(cleanup)
+    return receive(stream, tooLarge, {
+      data: (chunk) => {
+        total += chunk.length
+        if (total > limit) return false
+        chunks.push(chunk)
+        return true
+      },
+      end: () => Buffer.concat(chunks, total),
+      drop: () => {
+        chunks.length = 0
+      }
+    })
   })
 
 /**
