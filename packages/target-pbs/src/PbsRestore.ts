@@ -101,12 +101,7 @@ export const open = Effect.fn("PbsRestore.open")(function*(
   client: PbsClientService,
   options: RestoreOptions
 ): Effect.fn.Return<SnapshotReader, PbsError, Scope.Scope> {
-  const snapshot: Snapshot.SnapshotId = {
-    backupType: options.backupType ?? "vm",
-    backupId: options.backupId,
-    backupTime: options.backupTime,
-    ns: options.ns
-  }
+  const snapshot = Snapshot.make(options)
   const crypt = options.crypt
   const concurrency = Math.max(1, options.concurrency ?? 4)
   const reader = yield* client.openReader(snapshot)

@@ -113,7 +113,10 @@ export interface DriveStats {
   readonly zeroChunks: number
   /** Slots given as `reuse`. */
   readonly reusedChunks: number
-  /** Image bytes whose chunk was not sent (see `DriveResult.reusedBytes`). */
+  /**
+   * Image bytes whose chunk was not sent (slots reused from the previous index, or whose chunk the
+   * server already knew, the zero chunk included): Proxmox's `reused` counter.
+   */
   readonly reusedBytes: number
 }
 
@@ -121,27 +124,12 @@ export interface DriveStats {
  * @since 0.1.0
  * @category models
  */
-export interface DriveResult {
+export interface DriveResult extends DriveStats {
   readonly archive: string
   readonly size: number
   /** Hex SHA-256 of the digest array. */
   readonly csum: string
   readonly chunks: number
-  /** Chunks sent over the network. */
-  readonly uploadedChunks: number
-  /** Encoded bytes sent. */
-  readonly uploadedBytes: number
-  /** Slots that referenced a chunk the server already knew (no upload). */
-  readonly knownChunks: number
-  /** Full-size zero slots. */
-  readonly zeroChunks: number
-  /** Slots given as `reuse`. */
-  readonly reusedChunks: number
-  /**
-   * Image bytes whose chunk was not sent (slots reused from the previous index, or whose chunk the
-   * server already knew, the zero chunk included): Proxmox's `reused` counter.
-   */
-  readonly reusedBytes: number
   /** Whether the index was created with `reuse-csum` from the previous snapshot. */
   readonly incremental: boolean
 }
@@ -216,12 +204,7 @@ export const open = Effect.fn("PbsSnapshotWriter.open")(function*(
   client: PbsClientService,
   options: SnapshotWriterOptions
 ): Effect.fn.Return<SnapshotWriter, PbsError, Scope.Scope> {
-  const snapshot: Snapshot.SnapshotId = {
-    backupType: options.backupType ?? "vm",
-    backupId: options.backupId,
-    backupTime: options.backupTime,
-    ns: options.ns
-  }
+  const snapshot = Snapshot.make(options)
   yield* Snapshot.validate(snapshot)
   const crypt = options.crypt
   const cryptMode: Manifest.CryptMode = crypt === undefined ? "none" : options.cryptMode ?? "encrypt"

@@ -28,6 +28,24 @@ export interface SnapshotId {
   readonly ns?: string | undefined
 }
 
+/**
+ * A snapshot id from options where the backup type may be left out (default `vm`).
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
+export const make = (options: {
+  readonly backupType?: BackupType | undefined
+  readonly backupId: string
+  readonly backupTime: number
+  readonly ns?: string | undefined
+}): SnapshotId => ({
+  backupType: options.backupType ?? "vm",
+  backupId: options.backupId,
+  backupTime: options.backupTime,
+  ns: options.ns
+})
+
 const SAFE_ID = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/
 
 /**

@@ -559,13 +559,7 @@ export const make = (env: BackupEnv, server: ServerState): BackupSession => {
   }
 
   return {
-    route: (request) => {
-      const methods = routes[request.path]
-      if (methods === undefined) return bail(`Path '${request.path}' not found.`, 404)
-      const handler = methods[request.method]
-      if (handler === undefined) return bail(`Method '${request.method}' not allowed.`, 405)
-      return handler(request)
-    },
+    route: (request) => H2.dispatch(routes, request),
     finished: () => state === "finished",
     close: () => {
       if (closed) return

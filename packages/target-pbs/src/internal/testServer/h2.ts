@@ -19,6 +19,18 @@ export type Reply =
 /** Handlers of one path, by method. */
 export type Routes = Partial<Record<string, (request: H2Request) => Effect.Effect<Reply, ApiError>>>
 
+/** Runs the handler of a request's path and method; 404 and 405 with PBS's texts otherwise. */
+export const dispatch = (
+  routes: Readonly<Record<string, Routes>>,
+  request: H2Request
+): Effect.Effect<Reply, ApiError> => {
+  const methods = routes[request.path]
+  if (methods === undefined) return bail(`Path '${request.path}' not found.`, 404)
+  const handler = methods[request.method]
+  if (handler === undefined) return bail(`Method '${request.method}' not allowed.`, 405)
+  return handler(request)
+}
+
 export const json = (data: unknown): Reply => ({ _tag: "Json", data })
 export const bytes = (data: Uint8Array): Reply => ({ _tag: "Bytes", data })
 

@@ -55,13 +55,7 @@ export const make = (env: ReaderEnv, server: ServerState): ReaderSession => {
   }
 
   return {
-    route: (request) => {
-      const methods = routes[request.path]
-      if (methods === undefined) return bail(`Path '${request.path}' not found.`, 404)
-      const handler = methods[request.method]
-      if (handler === undefined) return bail(`Method '${request.method}' not allowed.`, 405)
-      return handler(request)
-    },
+    route: (request) => H2.dispatch(routes, request),
     close: () => {
       if (closed) return
       closed = true
