@@ -39,6 +39,7 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { median, parseSize } from "./lib/numbers.js"
+import { cpuSeconds, peakRssKiB } from "./lib/proc.js"
 
 const MiB = 1024 * 1024
 const GiB = 1024 * MiB
@@ -284,18 +285,12 @@ interface Sample {
   readonly phases?: ChildResult["phases"]
 }
 
-/** `/proc/<pid>/stat` counts in USER_HZ (100 on Linux). */
-const USER_HZ = 100
-
-/** CPU seconds of a process (utime + stime), or of its waited-for children (cutime + cstime). */
-const procCpuSeconds = (pid: number | "self", children = false) => {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8")
-  // fields after "(comm) ": state is field 3, utime 14, stime 15, cutime 16, cstime 17
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
-  const at = children ? 13 : 11
-  return (Number(f[at]) + Number(f[at + 1])) / USER_HZ
+/** CPU seconds of a process (or of its waited-for children); the process must be alive. */
+const procCpuSeconds = (pid: number | "self", children = false): number => {
+  const seconds = cpuSeconds(pid, children)
+  if (seconds === undefined) throw new Error(`process ${pid} is gone`)
+  return seconds
 }
-
 
 const arg = (name: string, fallback: string) => {
   const i = process.argv.indexOf(name)
@@ -317,12 +312,7 @@ const runTimed = (command: string, args: ReadonlyArray<string>) =>
     })
     let peak = 0
     const poll = () => {
-      try {
-        const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${child.pid}/status`, "utf8"))
-        if (m !== null) peak = Math.max(peak, Number(m[1]))
-      } catch {
-        // exited
-      }
+      peak = Math.max(peak, peakRssKiB(child.pid!) ?? 0)
     }
     const timer = setInterval(poll, 5)
     child.on("error", reject)

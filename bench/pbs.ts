@@ -60,6 +60,7 @@ import * as PbsClient from "@vzdump/target-pbs/PbsClient"
 import * as PbsTarget from "@vzdump/target-pbs/PbsTarget"
 import * as PbsTestServer from "@vzdump/target-pbs/testing/PbsTestServer"
 import { median, parseSize } from "./lib/numbers.js"
+import { cpuSeconds, peakRssKiB } from "./lib/proc.js"
 
 const MiB = 1024 * 1024
 const CHUNK = 4 * MiB
@@ -311,29 +312,6 @@ interface Sample {
   readonly cpuSeconds: number
 }
 
-const clockTicks = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100
-
-/** User + system CPU seconds of a live process, from /proc/<pid>/stat; undefined once it is gone. */
-const cpuOf = (pid: number): number | undefined => {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8")
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
-    return (Number(fields[11]) + Number(fields[12])) / clockTicks
-  } catch {
-    return undefined
-  }
-}
-
-/** The peak RSS (VmHWM) of a live process in KiB, from /proc/<pid>/status. */
-const peakRssOf = (pid: number): number | undefined => {
-  try {
-    const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))
-    return m === null ? undefined : Number(m[1])
-  } catch {
-    return undefined
-  }
-}
-
 /** Runs a program to completion, polling /proc/<pid>/status for its peak RSS. */
 const runTimed = (command: string, args: ReadonlyArray<string>, children: Set<ChildProcess>) =>
   new Promise<Sample & { stdout: string }>((resolve, reject) => {
@@ -347,13 +325,8 @@ const runTimed = (command: string, args: ReadonlyArray<string>, children: Set<Ch
     let peak = 0
     let cpu = 0
     const timer = setInterval(() => {
-      try {
-        const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${child.pid}/status`, "utf8"))
-        if (m !== null) peak = Math.max(peak, Number(m[1]))
-        cpu = cpuOf(child.pid!) ?? cpu
-      } catch {
-        // exited
-      }
+      peak = Math.max(peak, peakRssKiB(child.pid!) ?? 0)
+      cpu = cpuSeconds(child.pid!) ?? cpu
     }, 5)
     child.on("error", reject)
     child.on("exit", (code) => {
@@ -581,11 +554,11 @@ const program = Effect.gen(function*() {
         if (profileArg !== undefined) {
           yield* Effect.promise(() => server.profileStart(profileArg, `server-run${r + 1}-${label}`))
         }
-        const serverBefore = cpuOf(serverPid) ?? 0
-        const qemuBefore = cpuOf(qemuPid) ?? 0
+        const serverBefore = cpuSeconds(serverPid) ?? 0
+        const qemuBefore = cpuSeconds(qemuPid) ?? 0
         const child = yield* Effect.promise(() => runBackupChild(job, secret, profileArg, children))
-        const serverCpu = (cpuOf(serverPid) ?? serverBefore) - serverBefore
-        const qemuCpu = (cpuOf(qemuPid) ?? qemuBefore) - qemuBefore
+        const serverCpu = (cpuSeconds(serverPid) ?? serverBefore) - serverBefore
+        const qemuCpu = (cpuSeconds(qemuPid) ?? qemuBefore) - qemuBefore
         if (profileArg !== undefined) yield* Effect.promise(server.profileStop)
         const after = yield* Effect.promise(server.stats)
         const stats: BackupStats = {
@@ -594,7 +567,7 @@ const program = Effect.gen(function*() {
           duplicates: after.duplicateChunks - before.duplicateChunks,
           serverCpu,
           qemuCpu,
-          serverPeakRssKiB: peakRssOf(serverPid) ?? 0
+          serverPeakRssKiB: peakRssKiB(serverPid) ?? 0
         }
         for (const line of child.lines) out(`  ${line}\n`)
         out(

@@ -23,6 +23,7 @@ import * as path from "node:path"
 import { pipeline } from "node:stream/promises"
 import { fileURLToPath } from "node:url"
 import { parseSize } from "./lib/numbers.js"
+import { peakRssKiB } from "./lib/proc.js"
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 // BENCH_VMA_BIN: another `vma` entry point (e.g. an older build) to compare under the same conditions.
@@ -54,13 +55,7 @@ const run = (command: string, args: ReadonlyArray<string>, options: { stdin?: st
     })
     let peak = 0
     const poll = () => {
-      try {
-        const status = fs.readFileSync(`/proc/${child.pid}/status`, "utf8")
-        const m = /VmHWM:\s+(\d+) kB/.exec(status)
-        if (m !== null) peak = Math.max(peak, Number(m[1]))
-      } catch {
-        // exited
-      }
+      peak = Math.max(peak, peakRssKiB(child.pid!) ?? 0)
     }
     const timer = setInterval(poll, 10)
     child.on("error", reject)
