@@ -94,6 +94,17 @@ export interface Compressor {
 const halfTheCpus = (cpus: number | undefined): number => perl.int(((cpus ?? Os.availableParallelism()) + 1) / 2)
 
 /**
+ * The zstd thread count vzdump uses for its `zstd` option: default 1, `0` = half the CPUs.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const zstdThreads = (options: Pick<CompressorOptions, "zstd" | "cpus">): number => {
+  const zstd = options.zstd ?? 1
+  return zstd === 0 ? halfTheCpus(options.cpus) : zstd
+}
+
+/**
  * vzdump's `compressor_info`: `lzop`; `gzip --rsyncable` or `pigz -p N --rsyncable`;
  * `zstd --threads=N`. `undefined` for no compression.
  *
@@ -116,10 +127,8 @@ export const compressor = (options: CompressorOptions): Compressor | undefined =
       if (pigz > 0) return make(`pigz -p ${pigz === 1 ? halfTheCpus(options.cpus) : pigz} --rsyncable`, "gz")
       return make("gzip --rsyncable", "gz")
     }
-    case "zstd": {
-      const zstd = options.zstd ?? 1
-      return make(`zstd --threads=${zstd === 0 ? halfTheCpus(options.cpus) : zstd}`, "zst")
-    }
+    case "zstd":
+      return make(`zstd --threads=${zstdThreads(options)}`, "zst")
   }
 }
 

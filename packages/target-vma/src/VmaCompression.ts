@@ -151,19 +151,6 @@ export const compressorCommand = (compression: Compression): Command => {
 }
 
 /**
- * The number of zstd worker threads vzdump would give `zstd --threads=N` for this compression (its `zstd`
- * option: default 1, 0 = half of the CPUs rounded up).
- *
- * @since 0.1.0
- * @category utils
- */
-export const zstdThreads = (compression: Compression & { readonly format: "zstd" }): number => {
-  const argv = VzdumpNames.compressor({ compress: "zstd", zstd: compression.threads })!.argv
-  const option = argv.find((a) => a.startsWith("--threads="))
-  return option === undefined ? 1 : Number(option.slice("--threads=".length))
-}
-
-/**
  * The decompressor for a detected format (stdin → stdout). gzip uses `pigz -d` when installed (several
  * times faster than `zcat` here), else `gzip -d`.
  *

@@ -12,12 +12,13 @@
  */
 import { constants } from "node:fs"
 import type { Writable } from "node:stream"
+import * as VzdumpNames from "@vzdump/core/VzdumpNames"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as io from "./internal/io.js"
 import type { Compression } from "./VmaCompression.js"
 import * as zstd from "./internal/zstd.js"
-import { compressorCommand, zstdThreads } from "./VmaCompression.js"
+import { compressorCommand } from "./VmaCompression.js"
 import type { VmaIoError, VmaProcessError } from "./VmaError.js"
 
 /**
@@ -93,7 +94,7 @@ const viaCompressor = (
 ): Effect.Effect<VmaOutput, VmaOutputError, Scope.Scope> => {
   if (compression.format === "zstd") {
     return Effect.map(
-      zstd.make(fd, path, { level: compression.level ?? 0, threads: zstdThreads(compression) }),
+      zstd.make(fd, path, { level: compression.level ?? 0, threads: VzdumpNames.zstdThreads({ zstd: compression.threads }) }),
       (z): VmaOutput => ({ write: z.write, close: z.end })
     )
   }
