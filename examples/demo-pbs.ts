@@ -21,7 +21,7 @@
  * and stopped, server stopped.
  */
 import { NodeRuntime } from "@effect/platform-node"
-import { Effect, Layer, Redacted } from "effect"
+import { Clock, Effect, Layer, Redacted } from "effect"
 import * as NodePath from "node:path"
 import { fileURLToPath } from "node:url"
 import * as BackupJob from "@vzdump/core/BackupJob"
@@ -130,6 +130,10 @@ const program = Effect.gen(function*() {
   yield* hmp(guestWriteCommands)
   yield* flush
   const t1 = yield* Effect.forEach(disks, (disk) => imageHash(disk, work))
+
+  // PBS requires each snapshot of a group to be newer, in whole seconds, than the last: start the second
+  // backup in a later second than the first (they can now be less than a second apart)
+  yield* Effect.flatMap(Clock.currentTimeMillis, (now) => Effect.sleep(1000 - (now % 1000) + 10))
 
   yield* say("\n== backup 2: incremental ==")
   afterPointInTime = [
