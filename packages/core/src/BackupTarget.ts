@@ -256,3 +256,70 @@ export const layerMemory: Layer.Layer<BackupTarget | MemoryStore> = Layer.effect
   const store: Array<MemoryArchive> = []
   return Context.make(BackupTarget, memoryTarget(store)).pipe(Context.add(MemoryStore, store))
 }))
+
+/**
+ * Follows the buffers given to a session's `writeData` until the session no longer reads them (its
+ * `bufferRetention`): report every write in order, with the buffer when it carried data, and get back
+ * the buffers that may be reused now. The stock engine recycles its NBD read buffers with it.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export class RetainedBuffers<A> {
+  private readonly held: Array<{ readonly buffer: A; after: number }> = []
+
+  constructor(readonly retention: number) {}
+
+  /** After a write of `length` bytes (data from `buffer`, or zeros or reused ranges without one). */
+  written(length: number, buffer?: A): Array<A> {
+    for (const entry of this.held) entry.after += length
+    if (buffer !== undefined) this.held.push({ buffer, after: 0 })
+    const free: Array<A> = []
+    while (this.held.length > 0 && this.held[0]!.after >= this.retention) free.push(this.held.shift()!.buffer)
+    return free
+  }
+}
+
+/**
+ * Writes a device image through a session as the stock engine does, for testing targets: pieces of
+ * `pieceSize` bytes, all-zero pieces as `writeZeros`, data pieces from a small pool of buffers reused as
+ * soon as `bufferRetention` allows, and scribbled over (`0xee`) when they go back to the pool, so a
+ * target that reads a buffer later than it declared stores wrong bytes.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const writeImage = (
+  session: ArchiveSession,
+  device: number,
+  image: Uint8Array,
+  pieceSize: number
+): Effect.Effect<{ readonly allocated: number; readonly reused: number }, BackupTargetError> =>
+  Effect.gen(function*() {
+    if (session.bufferRetention === undefined) {
+      return yield* new BackupTargetError({
+        target: "writeImage",
+        reason: "Invalid",
+        detail: "the session does not declare a bufferRetention"
+      })
+    }
+    const retained = new RetainedBuffers<Uint8Array>(session.bufferRetention)
+    const pool: Array<Uint8Array> = []
+    let allocated = 0
+    let reused = 0
+    for (let offset = 0; offset < image.length; offset += pieceSize) {
+      const piece = image.subarray(offset, Math.min(image.length, offset + pieceSize))
+      let buffer: Uint8Array | undefined
+      if (piece.every((b) => b === 0)) yield* session.writeZeros(device, offset, piece.length)
+      else {
+        buffer = pool.pop()
+        if (buffer === undefined) allocated++
+        else reused++
+        buffer ??= new Uint8Array(pieceSize)
+        buffer.set(piece)
+        yield* session.writeData(device, offset, buffer.subarray(0, piece.length))
+      }
+      for (const free of retained.written(piece.length, buffer)) pool.push(free.fill(0xee))
+    }
+    return { allocated, reused }
+  })

@@ -44,7 +44,7 @@ import * as QmpSchema from "@vzdump/qmp/QmpSchema"
 import { BackupEngine, BackupEngineError } from "./BackupEngine.js"
 import type { BackupEngineService, EngineDevice, EngineJob, RunningBackup } from "./BackupEngine.js"
 import type { BackupStatus } from "./BackupStatus.js"
-import type { ArchiveIncremental } from "./BackupTarget.js"
+import { type ArchiveIncremental, RetainedBuffers } from "./BackupTarget.js"
 import { HostCommand } from "./HostCommand.js"
 import type { BitmapInfo } from "./VzdumpProgress.js"
 import * as VzdumpLog from "./VzdumpLog.js"
@@ -556,14 +556,12 @@ export const make = (options: StockEngineOptions) =>
               })
               // read buffers go back to the client's pool once the archive no longer reads them
               const retention = job.archive.bufferRetention
-              const held: Array<{ readonly chunk: NbdClient.DataChunk; after: number }> = []
+              const retained = retention === undefined ? undefined : new RetainedBuffers<NbdClient.DataChunk>(retention)
               const recycle = (chunk: NbdClient.DataChunk | NbdClient.ZeroChunk) => {
-                if (retention === undefined) return
-                for (const entry of held) entry.after += chunk.length
-                while (held.length > 0 && held[0]!.after >= retention) held.shift()!.chunk.release()
-                if (chunk._tag !== "Data") return
-                if (retention === 0) chunk.release()
-                else held.push({ chunk, after: 0 })
+                if (retained === undefined) return
+                for (const free of retained.written(chunk.length, chunk._tag === "Data" ? chunk : undefined)) {
+                  free.release()
+                }
               }
               // one effect per chunk: the write, then the counters and the buffer bookkeeping
               const written = (chunk: NbdClient.DataChunk | NbdClient.ZeroChunk, zeroBytes: number) =>

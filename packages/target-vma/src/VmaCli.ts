@@ -381,9 +381,13 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
         })
       )
     )
+    // Up to WRITE_BEHIND archive writes run behind the reads and the encoding: on an uncompressed file at
+    // the same time, so the copying into the page cache (the main cost of `create`) goes on without
+    // pauses; compressors and pipes take one at a time.
+    const WRITE_BEHIND = 4
     const writer = yield* VmaWriter.make({
       output,
-      writeBehind: true,
+      writeBehind: WRITE_BEHIND,
       configs,
       devices: sources.map((s) => ({ name: s.disk.name, size: s.size }))
     })
@@ -405,20 +409,27 @@ const create = (cli: CliIo, args: ReadonlyArray<string>) =>
         yield* cli.stderr(`progress ${percent}% ${transferred}/${total} ${zeroBytes}\n`)
       }
     })
-    // A ring of read buffers: the next READ_AHEAD chunks are read while the current one is encoded and
-    // written. A 4 MiB chunk (64 clusters) holds more than an extent (58 clusters), so when `writeData(k)`
-    // returns (write-behind: the write of the extents completed by chunk k may still run) only chunks k - 1
-    // and k are still referenced by the writer, and k + 1 … k + READ_AHEAD are being read: a ring of
-    // READ_AHEAD + 3 buffers never hands out one still in use. Reusing buffers keeps the garbage collector
-    // out of the way.
+    // A ring of read buffers for whole chunks: the next READ_AHEAD chunks are read while the current one is
+    // encoded and written. A whole 4 MiB chunk (64 clusters) holds more than an extent (58 clusters), so
+    // every `writeData` of one completes an extent and starts a write, and the writer's unfinished extent
+    // holds clusters of the last whole chunk at most. When the call for whole chunk k returns, the writes
+    // still running (write-behind) are at most those started since the call for whole chunk
+    // k - WRITE_BEHIND + 1, and they reference whole chunks k - WRITE_BEHIND … k (an extent starts at most
+    // one whole chunk before the one completing it), while k + 1 … k + READ_AHEAD are being read: a ring of
+    // READ_AHEAD + WRITE_BEHIND + 2 buffers never hands out one still in use. A shorter chunk (the end of a
+    // device) gets a buffer of its own: an extent may gather clusters of many of them (small devices).
+    // Reusing buffers keeps the garbage collector out of the way.
     const READ_AHEAD = 2
     // Shared memory, so an in-process zstd compresses the chunks in place on its thread (see VmaOutput).
-    const ring = Array.from({ length: READ_AHEAD + 3 }, () => Buffer.from(new SharedArrayBuffer(CHUNK)))
+    const ring = Array.from(
+      { length: READ_AHEAD + WRITE_BEHIND + 2 },
+      () => Buffer.from(new SharedArrayBuffer(CHUNK))
+    )
     let turn = 0
     for (const [i, source] of sources.entries()) {
       const readAt = (offset: number) => {
         const length = Math.min(CHUNK, source.size - offset)
-        const buffer = ring[turn++ % ring.length]!.subarray(0, length)
+        const buffer = length === CHUNK ? ring[turn++ % ring.length]! : Buffer.from(new SharedArrayBuffer(length))
         return io.readInto(source.fd, buffer, offset, source.disk.path).pipe(
           Effect.filterOrFail(
             (n) => n === length,

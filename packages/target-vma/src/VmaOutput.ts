@@ -38,6 +38,12 @@ export type VmaOutputError = VmaIoError | VmaProcessError
 export interface VmaOutput {
   /** Writes the chunks in order; completes when they are accepted (back-pressure). */
   readonly write: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, VmaOutputError>
+  /**
+   * Present where writes may run at the same time (an uncompressed file: each write has its own position,
+   * taken in call order). Starts writing the chunks and returns, without waiting, the effect that awaits
+   * this write. The chunks must stay unchanged until it completes. `close` waits for every started write.
+   */
+  readonly begin?: ((chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<Effect.Effect<void, VmaOutputError>>) | undefined
   /** Flushes, waits for a compressor or command to exit successfully, and commits the output. */
   readonly close: Effect.Effect<void, VmaOutputError>
 }
@@ -114,17 +120,39 @@ export const file = (path: string, options: FileOptions = {}): Effect.Effect<Vma
     const target = options.temporaryPath ?? path
     const flags = constants.O_WRONLY | constants.O_CREAT |
       (options.exclusive === false ? constants.O_TRUNC : constants.O_EXCL)
-    const state = { committed: false, fdClosed: false }
+    const state: { committed: boolean; fdClosed: boolean; writes: io.PositionalWrites | undefined } = {
+      committed: false,
+      fdClosed: false,
+      writes: undefined
+    }
+    // uncompressed: positional writes started without waiting; the descriptor is closed once none runs
     const fd = yield* Effect.acquireRelease(io.open(target, flags), (fd) =>
       Effect.zipRight(
-        state.fdClosed ? Effect.void : io.closeQuietly(fd),
-        state.committed ? Effect.void : io.unlinkQuietly(target)
+        state.writes?.drain ?? Effect.void,
+        Effect.zipRight(
+          state.fdClosed ? Effect.void : io.closeQuietly(fd),
+          state.committed ? Effect.void : io.unlinkQuietly(target)
+        )
       ))
-    const inner = options.compression === undefined
-      ? { write: (chunks: ReadonlyArray<Uint8Array>) => io.writeAll(fd, chunks, null, target), close: Effect.void }
+    const writes = new io.PositionalWrites(fd, target)
+    state.writes = writes
+    let position = 0
+    const begin = (chunks: ReadonlyArray<Uint8Array>) =>
+      Effect.sync(() => {
+        const at = position
+        position += io.byteLength(chunks)
+        return writes.start(chunks, at)
+      })
+    const settled = Effect.zipRight(
+      writes.drain,
+      Effect.suspend(() => writes.failure === undefined ? Effect.void : Effect.fail(writes.failure))
+    )
+    const inner: Pick<VmaOutput, "write" | "close" | "begin"> = options.compression === undefined
+      ? { write: (chunks) => Effect.flatten(begin(chunks)), begin, close: settled }
       : yield* viaCompressor(fd, options.compression, target)
     return {
       write: inner.write,
+      begin: inner.begin,
       close: Effect.gen(function*() {
         yield* inner.close
         state.fdClosed = true

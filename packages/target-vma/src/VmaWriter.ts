@@ -76,13 +76,15 @@ export interface VmaArchiveOptions {
 export interface VmaWriterOptions extends VmaArchiveOptions {
   readonly output: VmaOutput
   /**
-   * Let one output write run behind the caller (default false): a write call returns once the *previous*
-   * write has been accepted, and the next write starts as soon as that one finishes, so the output (a
-   * compressor's pipe above all) never waits for the caller. In exchange the caller may reuse a `data`
-   * buffer only after the next write call has returned (the CLI's ring of read buffers allows for it).
-   * A failed write fails the next call or `finish`.
+   * Let output writes run behind the caller (default false, `true` is 1): a write call returns once the
+   * output has accepted the write `writeBehind` calls before it, so the output never waits for the caller.
+   * On an output whose writes may run at the same time ({@link VmaOutput.begin}: an uncompressed file) up
+   * to `writeBehind` writes run at once, so the file is written without pauses; other outputs (pipes,
+   * compressors) take one write at a time, the next starting as soon as the previous one finishes. In exchange the caller may reuse a `data` buffer only after `writeBehind` more write calls
+   * have returned (the CLI's ring of read buffers allows for it). A failed write fails a later call or
+   * `finish`.
    */
-  readonly writeBehind?: boolean | undefined
+  readonly writeBehind?: boolean | number | undefined
 }
 
 /**
@@ -286,7 +288,17 @@ export const make = (options: VmaWriterOptions): Effect.Effect<VmaWriter, VmaWri
     const encoder = yield* makeEncoder(options)
     const output = options.output
     const lock = yield* Effect.makeSemaphore(1)
-    const writeBehind = options.writeBehind === true
+    const depth = options.writeBehind === true ? 1 : options.writeBehind === false ? 0 : options.writeBehind ?? 0
+    if (!Number.isSafeInteger(depth) || depth < 0) {
+      return yield* new VmaWriterError({
+        reason: "InvalidOption",
+        detail: `writeBehind must be a boolean or a count of writes, got ${options.writeBehind}`
+      })
+    }
+    const writeBehind = depth > 0
+    // overlapping writes: the completions of the started writes not awaited yet, oldest first
+    const overlapping = writeBehind && output.begin !== undefined ? output.begin : undefined
+    const started: Array<Effect.Effect<void, VmaOutputError>> = []
     let broken: VmaOutputError | undefined
     // With write-behind: the last write started, which the next one waits for before it starts.
     let behind: Fiber.Fiber<void, VmaOutputError> | undefined
@@ -295,6 +307,7 @@ export const make = (options: VmaWriterOptions): Effect.Effect<VmaWriter, VmaWri
         broken ??= e
       })
     const settle = Effect.suspend((): Effect.Effect<void, VmaOutputError> => {
+      if (started.length > 0) return Effect.zipRight(Effect.all(started.splice(0), { discard: true }), settle)
       const last = behind
       behind = undefined
       if (last !== undefined) return Effect.tapError(Fiber.join(last), markBroken)
@@ -307,6 +320,12 @@ export const make = (options: VmaWriterOptions): Effect.Effect<VmaWriter, VmaWri
         if (out instanceof VmaWriterError) return Effect.fail(out)
         if (out.length === 0) return Effect.void
         if (!writeBehind) return Effect.tapError(output.write(out), markBroken)
+        if (overlapping !== undefined) {
+          return Effect.flatMap(overlapping(out), (done) => {
+            started.push(Effect.tapError(done, markBroken))
+            return started.length > depth ? started.shift()! : Effect.void
+          })
+        }
         const previous = behind
         const next = previous === undefined
           ? output.write(out)

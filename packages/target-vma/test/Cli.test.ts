@@ -157,6 +157,29 @@ describe("vma CLI", () => {
       assert.include((yield* cli("list", legacy)).stdout, `DEV: dev_id=1 size: ${disk2.length} devname: disk0\n`)
     }))
 
+  it.scopedLive("create: many small devices and devices ending in a partial chunk come back intact", () =>
+    Effect.gen(function*() {
+      // An extent gathers the clusters of many short chunks here, so read buffers must not be reused while
+      // it still refers to them (the reads run ahead and the archive writes behind).
+      const dir = yield* tempDir
+      const sizes = [4 * 1024 * 1024 + CLUSTER + 7, ...Array.from({ length: 11 }, (_, i) => 100_000 + i * 4096), 9 << 20]
+      const disks = sizes.map((size, i) => makeImage(size, 100 + i))
+      const args: Array<string> = []
+      disks.forEach((disk, i) => {
+        const file = path.join(dir, `d${i}.raw`)
+        fs.writeFileSync(file, disk)
+        args.push("-d", `format=raw:d${i}=${file}`)
+      })
+      const archive = path.join(dir, "many.vma")
+      const created = yield* cli("create", archive, ...args)
+      assert.strictEqual(created.code, 0, created.stderr)
+      const x = path.join(dir, "x")
+      assert.strictEqual((yield* cli("extract", archive, x)).code, 0)
+      for (const [i, disk] of disks.entries()) {
+        assert.strictEqual(yield* sha256File(path.join(x, `disk-d${i}.raw`)), sha256(disk), `d${i}`)
+      }
+    }))
+
   it.scopedLive("create: refuses an existing archive, rejects bad arguments, leaves no partial archive", () =>
     Effect.gen(function*() {
       const f = yield* fixture

@@ -1,4 +1,6 @@
 import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Chunk, Deferred, Effect, Fiber, Stream } from "effect"
 import type * as VmaOutput from "../src/VmaOutput.js"
@@ -180,6 +182,98 @@ describe("VmaWriter", () => {
       const next = yield* Effect.flip(broken.writeData(1, chunk, image.subarray(chunk, 2 * chunk)))
       assert.strictEqual(next._tag, "VmaIoError")
       assert.strictEqual((yield* Effect.flip(broken.finish))._tag, "VmaIoError")
+    }))
+
+  it.effect("write-behind N on an output with `begin`: N writes run at once, positions and bytes are kept", () =>
+    Effect.gen(function*() {
+      const image = makeImage(600 * CLUSTER, 8)
+      const ops = { uuid: "0123456789abcdef0123456789abcdef", ctime: 1 } as const
+      const chunk = 64 * CLUSTER
+      // writes start at once and finish only when the test releases them, in any order
+      const running: Array<{ readonly parts: ReadonlyArray<Uint8Array>; readonly gate: Deferred.Deferred<void> }> = []
+      const done: Array<ReadonlyArray<Uint8Array>> = []
+      let fail = false
+      const output: VmaOutput.VmaOutput = {
+        write: () => Effect.die("not used when begin is present"),
+        begin: (parts) =>
+          Effect.map(Deferred.make<void>(), (gate) => {
+            const copy = parts.map((p) => Uint8Array.from(p))
+            running.push({ parts: copy, gate })
+            return Effect.zipRight(
+              Deferred.await(gate),
+              Effect.suspend(() =>
+                fail
+                  ? Effect.fail(new VmaError.VmaIoError({ operation: "write", path: "x", detail: "No space left" }))
+                  : Effect.sync(() => void done.push(copy))
+              )
+            )
+          }),
+        close: Effect.void
+      }
+      const writer = yield* VmaWriter.make({ output, devices: [{ name: "d", size: image.length }], ...ops, writeBehind: 3 })
+      // every 64-cluster call completes an extent and starts its write; three calls return without waiting
+      for (let k = 0; k < 3; k++) yield* writer.writeData(1, k * chunk, image.subarray(k * chunk, (k + 1) * chunk))
+      assert.strictEqual(running.length, 3)
+      assert.strictEqual(done.length, 0)
+      // the fourth starts its write too, then waits for the oldest
+      const fourth = yield* Effect.fork(writer.writeData(1, 3 * chunk, image.subarray(3 * chunk, 4 * chunk)))
+      yield* Effect.yieldNow()
+      assert.strictEqual(running.length, 4)
+      assert.isNull(fourth.unsafePoll())
+      yield* Deferred.succeed(running[1]!.gate, undefined) // a later one finishing first does not release it
+      yield* Effect.yieldNow()
+      assert.isNull(fourth.unsafePoll())
+      yield* Deferred.succeed(running[0]!.gate, undefined)
+      yield* Fiber.join(fourth)
+      const rest = yield* Effect.fork(Effect.zipRight(
+        writer.writeData(1, 4 * chunk, image.subarray(4 * chunk)),
+        writer.finish
+      ))
+      while (rest.unsafePoll() === null) {
+        for (const r of running) yield* Deferred.succeed(r.gate, undefined)
+        yield* Effect.yieldNow()
+      }
+      yield* Fiber.join(rest)
+      const reference = yield* encodeBytes(clusterOps([image]), { devices: [{ name: "d", size: image.length }], ...ops })
+      // the writes were started in archive order
+      assert.deepStrictEqual(concat(running.flatMap((r) => r.parts)), reference)
+
+      // a failed write fails a later call and finish
+      running.length = 0
+      fail = true
+      const broken = yield* VmaWriter.make({ output, devices: [{ name: "d", size: image.length }], writeBehind: 2 })
+      yield* broken.writeData(1, 0, image.subarray(0, chunk))
+      yield* broken.writeData(1, chunk, image.subarray(chunk, 2 * chunk))
+      for (const r of running) yield* Deferred.succeed(r.gate, undefined)
+      const error = yield* Effect.flip(broken.writeData(1, 2 * chunk, image.subarray(2 * chunk, 3 * chunk)))
+      assert.strictEqual(error._tag, "VmaIoError")
+      assert.strictEqual((yield* Effect.flip(broken.finish))._tag, "VmaIoError")
+      const bad = yield* Effect.flip(VmaWriter.make({ output, devices: [], writeBehind: -1 }))
+      assert.strictEqual(bad._tag === "VmaWriterError" ? bad.reason : bad._tag, "InvalidOption")
+    }))
+
+  it.scopedLive("write-behind on a file: the same archive as without; closed before finish, the file is removed", () =>
+    Effect.gen(function*() {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "vma-wb-"))
+      yield* Effect.addFinalizer(() => Effect.sync(() => fs.rmSync(dir, { recursive: true, force: true })))
+      const image = makeImage(1000 * CLUSTER + 4321, 9)
+      const ops = { uuid: "0123456789abcdef0123456789abcdef", ctime: 1, devices: [{ name: "d", size: image.length }] }
+      const file = path.join(dir, "a.vma")
+      yield* Effect.scoped(Effect.gen(function*() {
+        const writer = yield* VmaWriter.make({ output: yield* VmaOutputs.file(file), ...ops, writeBehind: 4 })
+        for (let off = 0; off < image.length; off += 64 * CLUSTER) {
+          yield* writer.writeData(1, off, image.subarray(off, off + 64 * CLUSTER))
+        }
+        yield* writer.finish
+      }))
+      assert.deepStrictEqual(new Uint8Array(fs.readFileSync(file)), yield* encodeBytes(clusterOps([image]), ops))
+      // the scope closes with writes running: the file is removed once they are done
+      const second = path.join(dir, "b.vma")
+      yield* Effect.scoped(Effect.gen(function*() {
+        const writer = yield* VmaWriter.make({ output: yield* VmaOutputs.file(second), ...ops, writeBehind: 4 })
+        yield* writer.writeData(1, 0, image.subarray(0, 512 * CLUSTER))
+      }))
+      assert.isFalse(fs.existsSync(second))
     }))
 
   it.effect("concurrent writers on different devices produce one valid archive", () =>

@@ -91,7 +91,7 @@ const MAX_IOV = 1024
 
 const again = (e: NodeJS.ErrnoException | null) => e !== null && (e.code === "EAGAIN" || e.code === "EWOULDBLOCK")
 
-const byteLength = (parts: ReadonlyArray<Uint8Array>) => {
+export const byteLength = (parts: ReadonlyArray<Uint8Array>) => {
   let n = 0
   for (const p of parts) n += p.byteLength
   return n
@@ -112,32 +112,73 @@ const skipBytes = (parts: ReadonlyArray<Uint8Array>, n: number): Array<Uint8Arra
 
 /**
  * Writes all `parts` with vectored writes, at `position` (advancing) or at the current file offset when
- * `position` is null. Retries short writes and EAGAIN.
+ * `position` is null. Retries short writes and EAGAIN; `done` gets the error, if any.
  */
+export const writeAllThen = (
+  fd: number,
+  parts: ReadonlyArray<Uint8Array>,
+  position: number | null,
+  path: string,
+  done: (error: VmaIoError | undefined) => void
+): void => {
+  let rest = parts.filter((p) => p.byteLength > 0)
+  let pos = position
+  const step = () => {
+    if (rest.length === 0) return done(undefined)
+    const batch = rest.length > MAX_IOV ? rest.slice(0, MAX_IOV) : rest
+    const cb = (err: NodeJS.ErrnoException | null, written: number) => {
+      if (again(err)) return void setTimeout(step, 2)
+      if (err) return done(ioError("write", path, err))
+      if (pos !== null) pos += written
+      rest = written === byteLength(batch) ? rest.slice(batch.length) : skipBytes(rest, written)
+      step()
+    }
+    if (pos === null) fs.writev(fd, batch, cb)
+    else fs.writev(fd, batch, pos, cb)
+  }
+  step()
+}
+
+/** {@link writeAllThen} as an effect. */
 export const writeAll = (
   fd: number,
   parts: ReadonlyArray<Uint8Array>,
   position: number | null,
   path: string
 ): Effect.Effect<void, VmaIoError> =>
-  Effect.async<void, VmaIoError>((resume) => {
-    let rest = parts.filter((p) => p.byteLength > 0)
-    let pos = position
-    const step = () => {
-      if (rest.length === 0) return resume(Effect.void)
-      const batch = rest.length > MAX_IOV ? rest.slice(0, MAX_IOV) : rest
-      const cb = (err: NodeJS.ErrnoException | null, written: number) => {
-        if (again(err)) return void setTimeout(step, 2)
-        if (err) return resume(Effect.fail(ioError("write", path, err)))
-        if (pos !== null) pos += written
-        rest = written === byteLength(batch) ? rest.slice(batch.length) : skipBytes(rest, written)
-        step()
-      }
-      if (pos === null) fs.writev(fd, batch, cb)
-      else fs.writev(fd, batch, pos, cb)
-    }
-    step()
-  })
+  Effect.async<void, VmaIoError>((resume) =>
+    writeAllThen(fd, parts, position, path, (error) => resume(error === undefined ? Effect.void : Effect.fail(error)))
+  )
+
+/**
+ * Positional writes to one file that the caller starts without waiting for them, so the file is written
+ * without pauses while the caller goes on (the kernel queues concurrent writes to one file; queueing them
+ * here instead, one at a time or merged into larger writes, measured slower). `drain` waits until no write
+ * runs, which must happen before the descriptor is closed.
+ */
+export class PositionalWrites {
+  private readonly running = new Set<Promise<VmaIoError | undefined>>()
+  /** The first write that failed, if any. */
+  failure: VmaIoError | undefined = undefined
+
+  constructor(private readonly fd: number, private readonly path: string) {}
+
+  /** Starts writing `parts` at `position` (they must stay unchanged until written); the effect awaits it. */
+  start(parts: ReadonlyArray<Uint8Array>, position: number): Effect.Effect<void, VmaIoError> {
+    const done = new Promise<VmaIoError | undefined>((resolve) =>
+      writeAllThen(this.fd, parts, position, this.path, resolve)
+    )
+    this.running.add(done)
+    void done.then((error) => {
+      this.running.delete(done)
+      this.failure ??= error
+    })
+    return Effect.flatMap(Effect.promise(() => done), (error) => error === undefined ? Effect.void : Effect.fail(error))
+  }
+
+  /** Waits until no write runs (whatever their outcome). */
+  readonly drain: Effect.Effect<void> = Effect.promise(() => Promise.all(this.running))
+}
 
 /**
  * Fills `target` from `fd`, looping over short reads; returns the bytes read (fewer only at end of file).
