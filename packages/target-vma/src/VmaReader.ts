@@ -384,27 +384,20 @@ interface Target {
   readonly fd: number
   readonly temporary: string
   readonly final: string
-  readonly writes: io.PositionalWrites
 }
 
 const MAX_RUN_PARTS = 1000
 const MAX_RUN_BYTES = 16 * 1024 * 1024
 
-/**
- * Starts the positioned, vectored writes of the stored blocks of one extent (adjacent blocks are merged)
- * and returns the effect that awaits them.
- */
-const beginExtent = (
-  extent: VmaExtent,
-  targets: ReadonlyMap<number, Target>
-): Effect.Effect<Effect.Effect<void, VmaIoError>> =>
-  Effect.sync(() => {
+/** Positioned, vectored writes of the stored blocks of one extent; adjacent blocks are merged. */
+const writeExtent = (extent: VmaExtent, targets: ReadonlyMap<number, Target>): Effect.Effect<void, VmaIoError> =>
+  Effect.suspend(() => {
     const writes: Array<Effect.Effect<void, VmaIoError>> = []
     let run: { target: Target; position: number; end: number; parts: Array<Uint8Array> } | undefined
     const flush = () => {
       if (run !== undefined) {
         const { parts, position, target } = run
-        writes.push(target.writes.start(parts, position))
+        writes.push(io.writeAll(target.fd, parts, position, target.temporary))
         run = undefined
       }
     }
@@ -447,9 +440,6 @@ const beginExtent = (
     return Effect.all(writes, { discard: true })
   })
 
-/** Extent writes that run behind the reading of the next extents. */
-const WRITE_BEHIND = 4
-
 /**
  * Extracts like `vma extract`: creates `directory`, writes each config to `<directory>/<name>`, each
  * selected device to a sparse `tmp-disk-<name>.raw` (only stored blocks are written), and after the whole
@@ -484,37 +474,24 @@ export const extract = <E, R = never>(
     const targets = new Map<number, Target>()
     for (const device of selected) {
       const temporary = path.join(dir, `tmp-disk-${device.name}.raw`)
-      const target: Target = yield* Effect.acquireRelease(
-        Effect.map(io.open(temporary, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL), (fd) => ({
-          device,
-          fd,
-          temporary,
-          final: path.join(dir, `disk-${device.name}.raw`),
-          writes: new io.PositionalWrites(fd, temporary)
-        })),
-        // no write may run when the descriptor is closed
-        (target) => targets.has(device.id) ? Effect.zipRight(target.writes.drain, io.closeQuietly(target.fd)) : Effect.void
+      const fd = yield* Effect.acquireRelease(
+        io.open(temporary, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL),
+        (fd) => targets.has(device.id) ? io.closeQuietly(fd) : Effect.void
       )
-      targets.set(device.id, target)
+      targets.set(device.id, { device, fd, temporary, final: path.join(dir, `disk-${device.name}.raw`) })
       if (options.onDevice !== undefined) yield* options.onDevice(device, temporary)
     }
-    // The next extent is read while the writes of the current one and of up to WRITE_BEHIND - 1 earlier
-    // ones run (see PositionalWrites: the disk files are written without pauses). When extent i + 1 is
-    // read, the writes not done yet are at most those of extents i - WRITE_BEHIND … i, so a ring of
-    // WRITE_BEHIND + 2 buffers never reads into one that is still to be written.
+    // Two buffers: the next extent is read while the current one is written.
     const readExtent = readerOf(archive)
-    const buffers = Array.from({ length: WRITE_BEHIND + 2 }, () => Buffer.allocUnsafe(MAX_EXTENT_DATA))
-    const behind: Array<Effect.Effect<void, VmaIoError>> = []
+    const buffers = [Buffer.allocUnsafe(MAX_EXTENT_DATA), Buffer.allocUnsafe(MAX_EXTENT_DATA)]
     let current = yield* readExtent(buffers[0])
     for (let i = 1; Option.isSome(current); i++) {
       const stats = yield* archive.stats
-      const next = yield* Effect.fork(readExtent(buffers[i % buffers.length]))
-      behind.push(yield* beginExtent(current.value, targets))
-      if (behind.length > WRITE_BEHIND) yield* behind.shift()!.pipe(Effect.onError(() => Fiber.interrupt(next)))
+      const next = yield* Effect.fork(readExtent(buffers[i % 2]))
+      yield* writeExtent(current.value, targets).pipe(Effect.onError(() => Fiber.interrupt(next)))
       if (options.onExtent !== undefined) yield* options.onExtent(current.value, stats)
       current = yield* Fiber.join(next)
     }
-    yield* Effect.all(behind, { discard: true })
     const disks: Array<{ device: VmaDevice; path: string }> = []
     for (const target of targets.values()) {
       targets.delete(target.device.id)
