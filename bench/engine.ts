@@ -39,7 +39,7 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { median, parseSize } from "./lib/numbers.js"
-import { cpuSeconds, peakRssKiB } from "./lib/proc.js"
+import { cpuSeconds, peakRssKiB, warmMemory } from "./lib/proc.js"
 
 const MiB = 1024 * 1024
 const GiB = 1024 * MiB
@@ -669,6 +669,7 @@ const main = async () => {
     const qemuPid = qemu.child.pid!
     const samples = new Map<string, Array<Sample>>(cases.map((c) => [c.name, []]))
     const measure = async (c: (typeof cases)[number]) => {
+      await warmMemory()
       const before = procCpuSeconds(qemuPid)
       const sample = await c.run()
       samples.get(c.name)!.push({ ...sample, qemuCpuSeconds: procCpuSeconds(qemuPid) - before })

@@ -11,8 +11,9 @@
  *   - `vma create exec:zstd …`: the same stream piped to a `zstd` process (the alternative compressor).
  * The `vma` runs are child processes of `node packages/target-vma/bin/vma.mjs`; their peak RSS is read from
  * /proc/<pid>/status (VmHWM). Startup time of the CLI (a `vma list` of a tiny archive) is shown separately.
- * Each step runs BENCH_REPEAT times (default 3) with dirty pages flushed before each run; the median time and
- * the largest peak RSS are kept. Ratios are given twice: for whole commands (Node startup included, as the
+ * The steps run in BENCH_REPEAT rounds (default 5, after a warm-up round), one after the other in each
+ * round, with dirty pages flushed and the step's previous output deleted before each run (see `rounds`);
+ * each step's median time and largest peak RSS are kept. Ratios are given twice: for whole commands (Node startup included, as the
  * issue compares `vma` with `cp`/`zstd` commands) and with the median `vma list` time (startup) subtracted.
  */
 import { spawn } from "node:child_process"
@@ -22,8 +23,8 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { pipeline } from "node:stream/promises"
 import { fileURLToPath } from "node:url"
-import { parseSize } from "./lib/numbers.js"
-import { peakRssKiB } from "./lib/proc.js"
+import { median, parseSize } from "./lib/numbers.js"
+import { peakRssKiB, warmMemory } from "./lib/proc.js"
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 // BENCH_VMA_BIN: another `vma` entry point (e.g. an older build) to compare under the same conditions.
@@ -37,6 +38,8 @@ const out = (s: string) => process.stdout.write(s)
 
 interface Run {
   readonly seconds: number
+  /** Every run's time, in round order (for the median). */
+  readonly runs?: ReadonlyArray<number> | undefined
   readonly peakRssKiB: number
   readonly code: number
   readonly stderr: string
@@ -74,6 +77,7 @@ const settle = () =>
 
 const must = async (what: string, r: () => Promise<Run>) => {
   await settle()
+  await warmMemory()
   const result = await r()
   if (result.code !== 0) throw new Error(`${what} failed (${result.code}): ${result.stderr.trim()}`)
   return result
@@ -105,17 +109,39 @@ const makeDisk = (file: string) => {
 const fmt = (n: number, d = 2) => n.toFixed(d)
 const mib = (bytes: number) => bytes / 2 ** 20
 
-/** Runs a step `times` times (cleaning up before each run) and keeps the median time and the largest RSS. */
-const median = async (times: number, cleanup: () => void, step: () => Promise<Run>): Promise<Run> => {
-  const runs: Array<Run> = []
-  for (let i = 0; i < times; i++) {
-    cleanup()
-    runs.push(await step())
+/** The median time and the largest RSS of a step's runs. */
+const medianRun = (runs: ReadonlyArray<Run>): Run => ({
+  ...runs[0]!,
+  seconds: median(runs.map((r) => r.seconds)),
+  runs: runs.map((r) => r.seconds),
+  peakRssKiB: Math.max(...runs.map((r) => r.peakRssKiB))
+})
+
+interface Step {
+  readonly name: string
+  /** Removes the step's previous output (just before the run: fresh memory is slow to touch here). */
+  readonly cleanup: () => void
+  readonly run: () => Promise<Run>
+}
+
+/**
+ * Runs every step once per round, in order, and keeps each step's median over the measured rounds: the
+ * reference tools and our commands alternate, so a slower phase of this shared machine hits them alike.
+ * Each step deletes its own output of the previous round just before it runs and leaves the others' in
+ * place: memory on these VMs is slow to touch for the first time (free-page reporting gives it back to the
+ * host a few seconds after it is freed), so every step writes into page cache its own deletion has just
+ * freed. A first warm-up round, whose steps have nothing to free, is not counted.
+ */
+const rounds = async (times: number, steps: ReadonlyArray<Step>): Promise<Map<string, Run>> => {
+  const runs = new Map<string, Array<Run>>(steps.map((step) => [step.name, []]))
+  for (let round = 0; round <= times; round++) {
+    for (const step of steps) {
+      step.cleanup()
+      const result = await step.run()
+      if (round > 0) runs.get(step.name)!.push(result)
+    }
   }
-  const sorted = [...runs].sort((a, b) => a.seconds - b.seconds)
-  const mid = sorted.length >> 1
-  const seconds = sorted.length % 2 === 1 ? sorted[mid]!.seconds : (sorted[mid - 1]!.seconds + sorted[mid]!.seconds) / 2
-  return { ...sorted[mid]!, seconds, peakRssKiB: Math.max(...runs.map((r) => r.peakRssKiB)) }
+  return new Map(steps.map((step) => [step.name, medianRun(runs.get(step.name)!)]))
 }
 
 const rm = (...files: Array<string>) => () => {
@@ -123,9 +149,9 @@ const rm = (...files: Array<string>) => () => {
 }
 
 const main = async () => {
-  const repeat = Number(process.env.BENCH_REPEAT ?? 3)
+  const repeat = Number(process.env.BENCH_REPEAT ?? 5)
   out(`vma: ${vmaBin}\n`)
-  out(`VMA benchmark: disk ${mib(size)} MiB (~90% random, ~10% holes) in ${base}, median of ${repeat} runs\n`)
+  out(`VMA benchmark: disk ${mib(size)} MiB (~90% random, ~10% holes) in ${base}, medians of ${repeat} rounds after a warm-up round\n`)
   const disk = path.join(base, "disk.raw")
   makeDisk(disk)
   const conf = path.join(base, "qemu-server.conf")
@@ -142,66 +168,85 @@ const main = async () => {
   const tiny = path.join(base, "tiny.vma")
   await vma(["create", tiny, "-c", conf])
   const listOut = path.join(base, "list.out")
-  const startup = await median(repeat, rm(listOut), () => vma(["list", tiny], { stdout: listOut }))
-
   const copy = path.join(base, "disk.cp")
-  const cp = await median(repeat, rm(copy), () => must("cp", () => run("cp", [disk, copy])))
-  rm(copy)()
-
   const archive = path.join(base, "a.vma")
-  const create = await median(repeat, rm(archive), () => vma(["create", archive, "-c", conf, ...device]))
-  const vmaBytes = fs.statSync(archive).size
-
   const extractDir = path.join(base, "x")
-  const extract = await median(repeat, rm(extractDir), () => vma(["extract", archive, extractDir]))
-  // Correctness of the round trip (not timed).
-  const [a, b] = await Promise.all([sha256(disk), sha256(path.join(extractDir, "disk-drive-scsi0.raw"))])
-  const ok = a === b
-  rm(extractDir)()
-
   const ref = path.join(base, "ref.zst")
-  const zstd = await median(repeat, rm(ref), () =>
-    must("zstd", () => run("zstd", ["-1", "-T0", "-q", "-c", archive], { stdout: ref })))
-  rm(ref)()
   const zArchive = path.join(base, "a.vma.zst")
-  // zstd's -T0 means one thread per core; vzdump's `zstd: 0` would mean half of them.
-  const zstdOptions = ["--zstd-level", "1", "--zstd", String(os.availableParallelism())]
-  const createZstd = await median(
-    repeat,
-    rm(zArchive),
-    () => vma(["create", zArchive, ...zstdOptions, "-c", conf, ...device])
-  )
-  const zBytes = fs.statSync(zArchive).size
-  const verifyZstd = await median(repeat, () => {}, () => vma(["verify", "-"], { stdin: zArchive }))
-
-  // The alternative compressor: the same stream piped to a `zstd` process (exec: output), for the choice.
   const piped = path.join(base, "piped.vma.zst")
+  // zstd's -T0 means one thread per core; vzdump's `zstd: 0` would mean half of them.
   const threads = os.availableParallelism()
-  const createPiped = await median(
-    repeat,
-    rm(piped),
-    () => vma(["create", `exec:zstd -1 --threads=${threads} -q -c > ${piped}`, "-c", conf, ...device])
-  )
+  const zstdOptions = ["--zstd-level", "1", "--zstd", String(threads)]
+  let roundTripOk = true
+  let zBytes = 0
+  const steps: ReadonlyArray<Step> = [
+    { name: "startup", cleanup: rm(listOut), run: () => vma(["list", tiny], { stdout: listOut }) },
+    { name: "cp", cleanup: rm(copy), run: () => must("cp", () => run("cp", [disk, copy])) },
+    { name: "create", cleanup: rm(archive), run: () => vma(["create", archive, "-c", conf, ...device]) },
+    {
+      name: "extract",
+      cleanup: rm(extractDir),
+      run: async () => {
+        const result = await vma(["extract", archive, extractDir])
+        // correctness of the round trip (not timed)
+        const [a, b] = await Promise.all([sha256(disk), sha256(path.join(extractDir, "disk-drive-scsi0.raw"))])
+        roundTripOk &&= a === b
+        return result
+      }
+    },
+    {
+      name: "zstd",
+      cleanup: rm(ref),
+      run: () => must("zstd", () => run("zstd", ["-1", "-T0", "-q", "-c", archive], { stdout: ref }))
+    },
+    {
+      name: "createZstd",
+      cleanup: rm(zArchive),
+      run: async () => {
+        const result = await vma(["create", zArchive, ...zstdOptions, "-c", conf, ...device])
+        zBytes = fs.statSync(zArchive).size
+        return result
+      }
+    },
+    { name: "verifyZstd", cleanup: () => {}, run: () => vma(["verify", "-"], { stdin: zArchive }) },
+    // the alternative compressor: the same stream piped to a `zstd` process (exec: output), for the choice
+    {
+      name: "createPiped",
+      cleanup: rm(piped),
+      run: () => vma(["create", `exec:zstd -1 --threads=${threads} -q -c > ${piped}`, "-c", conf, ...device])
+    }
+  ]
+  const medians = await rounds(repeat, steps)
+  const step = (name: string) => medians.get(name)!
+  const [startup, cp, create, extract, zstd, createZstd, verifyZstd, createPiped] = [
+    "startup", "cp", "create", "extract", "zstd", "createZstd", "verifyZstd", "createPiped"
+  ].map(step) as [Run, Run, Run, Run, Run, Run, Run, Run]
+  const vmaBytes = fs.statSync(archive).size
+  const ok = roundTripOk
   const vsCp = (r: Run) => `${fmt(r.seconds / cp.seconds)} × cp`
   const vsZstd = (seconds: number) => `${fmt(zstd.seconds / seconds)} × zstd throughput`
-  const rows: Array<[string, number, string, number | undefined]> = [
-    ["cp disk", cp.seconds, "1.00 × cp", undefined],
-    ["vma create (uncompressed)", create.seconds, vsCp(create), create.peakRssKiB],
-    ["vma extract", extract.seconds, vsCp(extract), extract.peakRssKiB],
-    ["zstd -1 -T0 over a.vma", zstd.seconds, "1.00 × zstd throughput", undefined],
-    ["vma create .vma.zst (level 1, T0)", createZstd.seconds, vsZstd(createZstd.seconds), createZstd.peakRssKiB],
-    ["vma verify - < a.vma.zst", verifyZstd.seconds, vsCp(verifyZstd), verifyZstd.peakRssKiB],
-    ["vma create | zstd process", createPiped.seconds, vsZstd(createPiped.seconds), createPiped.peakRssKiB],
-    ["vma list (CLI startup)", startup.seconds, "", startup.peakRssKiB]
+  const rows: Array<[string, Run, string, number | undefined]> = [
+    ["cp disk", cp, "1.00 × cp", undefined],
+    ["vma create (uncompressed)", create, vsCp(create), create.peakRssKiB],
+    ["vma extract", extract, vsCp(extract), extract.peakRssKiB],
+    ["zstd -1 -T0 over a.vma", zstd, "1.00 × zstd throughput", undefined],
+    ["vma create .vma.zst (level 1, T0)", createZstd, vsZstd(createZstd.seconds), createZstd.peakRssKiB],
+    ["vma verify - < a.vma.zst", verifyZstd, vsCp(verifyZstd), verifyZstd.peakRssKiB],
+    ["vma create | zstd process", createPiped, vsZstd(createPiped.seconds), createPiped.peakRssKiB],
+    ["vma list (CLI startup)", startup, "", startup.peakRssKiB]
   ]
   out(`VMA stream: ${fmt(mib(vmaBytes), 1)} MiB; .vma.zst: ${fmt(mib(zBytes), 1)} MiB\n\n`)
-  out(`${"step".padEnd(36)} ${"seconds".padStart(8)} ${"MiB/s".padStart(8)}  ${"ratio".padEnd(26)} peak RSS\n`)
-  for (const [name, seconds, ratio, rss] of rows) {
+  out(
+    `${"step".padEnd(36)} ${"seconds".padStart(8)} ${"MiB/s".padStart(8)}  ${"ratio".padEnd(26)} ${
+      "peak RSS".padEnd(9)
+    } runs (s)\n`
+  )
+  for (const [name, { runs, seconds }, ratio, rss] of rows) {
     const rssText = rss === undefined ? "" : `${fmt(rss / 1024, 0)} MiB`
     out(
       `${name.padEnd(36)} ${fmt(seconds).padStart(8)} ${fmt(mib(size) / seconds, 0).padStart(8)}  ${
         ratio.padEnd(26)
-      } ${rssText}\n`
+      } ${rssText.padEnd(9)} ${(runs ?? []).map((r) => fmt(r)).join(" ")}\n`
     )
   }
   const net = (r: Run) => Math.max(0.001, r.seconds - startup.seconds)

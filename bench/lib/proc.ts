@@ -1,5 +1,5 @@
 /** Readings of live processes from /proc, shared by the benchmark scripts. */
-import { spawnSync } from "node:child_process"
+import { spawn, spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 
 /** `/proc/<pid>/stat` counts CPU time in clock ticks. */
@@ -30,3 +30,15 @@ export const peakRssKiB = (pid: number): number | undefined => {
     return undefined
   }
 }
+
+/**
+ * Memory on these VMs is slow to touch the first time after it was freed for a few seconds (free-page
+ * reporting hands it back to the host, which must fault it in again): a run allocating it pays that, `cp`
+ * about 0.25 s per GiB of page cache, `vma create` up to 0.4 s. So before each timed run a helper process
+ * touches 3 GiB and exits: the run then allocates memory that was just freed, as on a machine without
+ * this effect.
+ */
+export const warmMemory = (): Promise<void> =>
+  new Promise<void>((resolve) =>
+    spawn(process.execPath, ["-e", "Buffer.alloc(3 * 2 ** 30, 1)"], { stdio: "ignore" }).on("exit", () => resolve())
+  )

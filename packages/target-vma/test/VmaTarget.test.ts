@@ -12,11 +12,11 @@ import { sha256, sha256File, tempDir } from "./utils.js"
 const MiB = 1024 * 1024
 
 describe("VmaTarget", () => {
-  it.scopedLive("buffers may be reused after `bufferRetention` bytes while archive writes run behind", () =>
+  it.scopedLive("buffers may be reused after `bufferRetention` bytes: the archive holds what was written", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const dumpdir = path.join(dir, "dump")
-      // many small pieces, so the retention spans several write-behind extents; holes in between
+      // many small pieces, each buffer reused as soon as the retention allows; holes in between
       const a = randomBytes(40 * MiB + 12_345)
       a.fill(0, 8 * MiB, 9 * MiB)
       const b = randomBytes(3 * MiB + 100_000)
