@@ -125,31 +125,41 @@ export const file = (path: string, options: FileOptions = {}): Effect.Effect<Vma
       fdClosed: false,
       writes: undefined
     }
-    // uncompressed: positional writes started without waiting; the descriptor is closed once none runs
     const fd = yield* Effect.acquireRelease(io.open(target, flags), (fd) =>
       Effect.zipRight(
+        // no write may run when the descriptor is closed
         state.writes?.drain ?? Effect.void,
         Effect.zipRight(
           state.fdClosed ? Effect.void : io.closeQuietly(fd),
           state.committed ? Effect.void : io.unlinkQuietly(target)
         )
       ))
-    const writes = new io.PositionalWrites(fd, target)
-    state.writes = writes
-    let position = 0
-    const begin = (chunks: ReadonlyArray<Uint8Array>) =>
-      Effect.sync(() => {
-        const at = position
-        position += io.byteLength(chunks)
-        return writes.start(chunks, at)
-      })
-    const settled = Effect.zipRight(
-      writes.drain,
-      Effect.suspend(() => writes.failure === undefined ? Effect.void : Effect.fail(writes.failure))
-    )
-    const inner: Pick<VmaOutput, "write" | "close" | "begin"> = options.compression === undefined
-      ? { write: (chunks) => Effect.flatten(begin(chunks)), begin, close: settled }
-      : yield* viaCompressor(fd, options.compression, target)
+    let inner: VmaOutput
+    if (options.compression === undefined && !(yield* io.fstat(fd, target)).isFile()) {
+      // a device or a pipe: written in order at its current position
+      inner = { write: (chunks) => io.writeAll(fd, chunks, null, target), close: Effect.void }
+    } else if (options.compression === undefined) {
+      // a regular file: positional writes, started without waiting for the earlier ones
+      const writes = new io.PositionalWrites(fd, target)
+      state.writes = writes
+      let position = 0
+      const begin = (chunks: ReadonlyArray<Uint8Array>) =>
+        Effect.sync(() => {
+          const at = position
+          position += io.byteLength(chunks)
+          return writes.start(chunks, at)
+        })
+      inner = {
+        write: (chunks) => Effect.flatten(begin(chunks)),
+        begin,
+        close: Effect.zipRight(
+          writes.drain,
+          Effect.suspend(() => writes.failure === undefined ? Effect.void : Effect.fail(writes.failure))
+        )
+      }
+    } else {
+      inner = yield* viaCompressor(fd, options.compression, target)
+    }
     return {
       write: inner.write,
       begin: inner.begin,

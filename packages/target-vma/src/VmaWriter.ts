@@ -80,9 +80,9 @@ export interface VmaWriterOptions extends VmaArchiveOptions {
    * output has accepted the write `writeBehind` calls before it, so the output never waits for the caller.
    * On an output whose writes may run at the same time ({@link VmaOutput.begin}: an uncompressed file) up
    * to `writeBehind` writes run at once, so the file is written without pauses; other outputs (pipes,
-   * compressors) take one write at a time, the next starting as soon as the previous one finishes. In exchange the caller may reuse a `data` buffer only after `writeBehind` more write calls
-   * have returned (the CLI's ring of read buffers allows for it). A failed write fails a later call or
-   * `finish`.
+   * compressors) take one write at a time, the next starting as soon as the previous one finishes. In
+   * exchange the caller may reuse a `data` buffer only after `writeBehind` more write calls have returned
+   * (the CLI's ring of read buffers allows for it). A failed write fails a later call or `finish`.
    */
   readonly writeBehind?: boolean | number | undefined
 }

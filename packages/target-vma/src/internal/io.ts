@@ -152,9 +152,9 @@ export const writeAll = (
 
 /**
  * Positional writes to one file that the caller starts without waiting for them, so the file is written
- * without pauses while the caller goes on (the kernel queues concurrent writes to one file; queueing them
- * here instead, one at a time or merged into larger writes, measured slower). `drain` waits until no write
- * runs, which must happen before the descriptor is closed.
+ * without pauses while the caller goes on (concurrent writes to one file wait for its lock in the kernel;
+ * for `vma create` this measured a few percent faster than one write at a time). `drain` waits until no
+ * write runs, which must happen before the descriptor is closed.
  */
 export class PositionalWrites {
   private readonly running = new Set<Promise<VmaIoError | undefined>>()
