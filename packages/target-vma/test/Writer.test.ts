@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
@@ -252,7 +253,7 @@ describe("VmaWriter", () => {
       assert.strictEqual(bad._tag === "VmaWriterError" ? bad.reason : bad._tag, "InvalidOption")
     }))
 
-  it.scopedLive("write-behind on a file: the same archive as without; closed before finish, the file is removed", () =>
+  it.scopedLive("write-behind on a file and a FIFO: the same archive as without; closed before finish, the file is removed", () =>
     Effect.gen(function*() {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), "vma-wb-"))
       yield* Effect.addFinalizer(() => Effect.sync(() => fs.rmSync(dir, { recursive: true, force: true })))
@@ -267,6 +268,27 @@ describe("VmaWriter", () => {
         yield* writer.finish
       }))
       assert.deepStrictEqual(new Uint8Array(fs.readFileSync(file)), yield* encodeBytes(clusterOps([image]), ops))
+      // a FIFO is written in order (no positions), write-behind or not
+      const fifo = path.join(dir, "fifo")
+      execFileSync("mkfifo", [fifo])
+      const received = Effect.promise(() =>
+        new Promise<Buffer>((resolve, reject) => {
+          const parts: Array<Buffer> = []
+          fs.createReadStream(fifo).on("data", (d) => parts.push(d as Buffer)).on("end", () => resolve(Buffer.concat(parts)))
+            .on("error", reject)
+        })
+      )
+      const reader = yield* Effect.fork(received)
+      yield* Effect.scoped(Effect.gen(function*() {
+        const writer = yield* VmaWriter.make({
+          output: yield* VmaOutputs.file(fifo, { exclusive: false }),
+          ...ops,
+          writeBehind: 4
+        })
+        yield* writer.writeData(1, 0, image)
+        yield* writer.finish
+      }))
+      assert.deepStrictEqual(new Uint8Array(yield* Fiber.join(reader)), yield* encodeBytes(clusterOps([image]), ops))
       // the scope closes with writes running: the file is removed once they are done
       const second = path.join(dir, "b.vma")
       yield* Effect.scoped(Effect.gen(function*() {
