@@ -557,18 +557,17 @@ export const make = (options: StockEngineOptions) =>
               // read buffers go back to the client's pool once the archive no longer reads them
               const retention = job.archive.bufferRetention
               const retained = retention === undefined ? undefined : new RetainedBuffers<NbdClient.DataChunk>(retention)
-              const recycle = (chunk: NbdClient.DataChunk | NbdClient.ZeroChunk) => {
+              // every write counts, reused ranges too (see ArchiveSession.bufferRetention)
+              const recycle = (length: number, data?: NbdClient.DataChunk) => {
                 if (retained === undefined) return
-                for (const free of retained.written(chunk.length, chunk._tag === "Data" ? chunk : undefined)) {
-                  free.release()
-                }
+                for (const free of retained.written(length, data)) free.release()
               }
               // one effect per chunk: the write, then the counters and the buffer bookkeeping
               const written = (chunk: NbdClient.DataChunk | NbdClient.ZeroChunk, zeroBytes: number) =>
                 Effect.sync(() => {
                   counters.zero += zeroBytes
                   counters.transferred += chunk.length
-                  recycle(chunk)
+                  recycle(chunk.length, chunk._tag === "Data" ? chunk : undefined)
                 })
               const paced = job.speed > 0
               const stream = base !== undefined
@@ -580,7 +579,10 @@ export const make = (options: StockEngineOptions) =>
                     // unchanged since the base archive: not read, taken from the base
                     return Effect.zipRight(
                       job.archive.writeReused!(i, chunk.offset, chunk.length),
-                      Effect.sync(() => (counters.clean += chunk.length))
+                      Effect.sync(() => {
+                        counters.clean += chunk.length
+                        recycle(chunk.length)
+                      })
                     )
                   }
                   const step = chunk._tag === "Data"
