@@ -12,9 +12,10 @@
  * The `vma` runs are child processes of `node packages/target-vma/bin/vma.mjs`; their peak RSS is read from
  * /proc/<pid>/status (VmHWM). Startup time of the CLI (a `vma list` of a tiny archive) is shown separately.
  * The steps run in BENCH_REPEAT rounds (default 5, after a warm-up round), one after the other in each
- * round, with dirty pages flushed and the step's previous output deleted before each run (see `rounds`);
- * each step's median time and largest peak RSS are kept. Ratios are given twice: for whole commands (Node startup included, as the
- * issue compares `vma` with `cp`/`zstd` commands) and with the median `vma list` time (startup) subtracted.
+ * round, with dirty pages flushed, memory warmed and the step's previous output deleted before each run
+ * (see `rounds` and `warmMemory`); each step's median time and largest peak RSS are kept. Ratios are given
+ * twice: for whole commands (Node startup included, as the issue compares `vma` with `cp`/`zstd` commands)
+ * and with the median `vma list` time (startup) subtracted.
  */
 import { spawn } from "node:child_process"
 import { createHash, randomFillSync } from "node:crypto"
@@ -119,7 +120,7 @@ const medianRun = (runs: ReadonlyArray<Run>): Run => ({
 
 interface Step {
   readonly name: string
-  /** Removes the step's previous output (just before the run: fresh memory is slow to touch here). */
+  /** Removes the step's previous output (just before the run, see `rounds`). */
   readonly cleanup: () => void
   readonly run: () => Promise<Run>
 }
@@ -128,9 +129,8 @@ interface Step {
  * Runs every step once per round, in order, and keeps each step's median over the measured rounds: the
  * reference tools and our commands alternate, so a slower phase of this shared machine hits them alike.
  * Each step deletes its own output of the previous round just before it runs and leaves the others' in
- * place: memory on these VMs is slow to touch for the first time (free-page reporting gives it back to the
- * host a few seconds after it is freed), so every step writes into page cache its own deletion has just
- * freed. A first warm-up round, whose steps have nothing to free, is not counted.
+ * place, so every step writes into page cache that was just freed (see `warmMemory` for why that matters
+ * on these VMs). A first warm-up round, whose steps have nothing to free, is not counted.
  */
 const rounds = async (times: number, steps: ReadonlyArray<Step>): Promise<Map<string, Run>> => {
   const runs = new Map<string, Array<Run>>(steps.map((step) => [step.name, []]))
@@ -151,7 +151,10 @@ const rm = (...files: Array<string>) => () => {
 const main = async () => {
   const repeat = Number(process.env.BENCH_REPEAT ?? 5)
   out(`vma: ${vmaBin}\n`)
-  out(`VMA benchmark: disk ${mib(size)} MiB (~90% random, ~10% holes) in ${base}, medians of ${repeat} rounds after a warm-up round\n`)
+  out(
+    `VMA benchmark: disk ${mib(size)} MiB (~90% random, ~10% holes) in ${base}, ` +
+      `medians of ${repeat} rounds after a warm-up round\n`
+  )
   const disk = path.join(base, "disk.raw")
   makeDisk(disk)
   const conf = path.join(base, "qemu-server.conf")
@@ -217,12 +220,15 @@ const main = async () => {
     }
   ]
   const medians = await rounds(repeat, steps)
-  const step = (name: string) => medians.get(name)!
-  const [startup, cp, create, extract, zstd, createZstd, verifyZstd, createPiped] = [
-    "startup", "cp", "create", "extract", "zstd", "createZstd", "verifyZstd", "createPiped"
-  ].map(step) as [Run, Run, Run, Run, Run, Run, Run, Run]
+  const startup = medians.get("startup")!
+  const cp = medians.get("cp")!
+  const create = medians.get("create")!
+  const extract = medians.get("extract")!
+  const zstd = medians.get("zstd")!
+  const createZstd = medians.get("createZstd")!
+  const verifyZstd = medians.get("verifyZstd")!
+  const createPiped = medians.get("createPiped")!
   const vmaBytes = fs.statSync(archive).size
-  const ok = roundTripOk
   const vsCp = (r: Run) => `${fmt(r.seconds / cp.seconds)} × cp`
   const vsZstd = (seconds: number) => `${fmt(zstd.seconds / seconds)} × zstd throughput`
   const rows: Array<[string, Run, string, number | undefined]> = [
@@ -263,9 +269,9 @@ const main = async () => {
       `zstd write ≥ 0.9 × zstd: ${met(zstd.seconds / createZstd.seconds >= 0.9)}; ` +
       `RSS ≤ 256 MiB: ${met(peak <= 256 * 1024)}\n`
   )
-  out(`round trip sha256 ${ok ? "equal" : "DIFFERENT"}\n`)
+  out(`round trip sha256 ${roundTripOk ? "equal" : "DIFFERENT"}\n`)
   fs.rmSync(base, { recursive: true, force: true })
-  if (!ok) process.exitCode = 1
+  if (!roundTripOk) process.exitCode = 1
 }
 
 main().catch((e) => {
