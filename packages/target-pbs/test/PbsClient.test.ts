@@ -23,7 +23,8 @@ import {
   TOKEN_SECRET,
   touchSlot,
   USER,
-  vmConfig
+  vmConfig,
+  wrapUploads
 } from "./utils/fixtures.js"
 
 const DEVICES = ["scsi0", "scsi1", "efidisk0"] as const
@@ -427,24 +428,17 @@ describe("PbsClient", () => {
       const gate = yield* Deferred.make<void>()
       let inFlight = 0
       let maxInFlight = 0
-      const gated: PbsClient.PbsClientService = {
-        ...real,
-        openBackup: (id) =>
-          Effect.map(real.openBackup(id), (protocol) => ({
-            ...protocol,
-            uploadFixedChunk: (wid, chunk) =>
-              Effect.sync(() => {
-                inFlight += 1
-                maxInFlight = Math.max(maxInFlight, inFlight)
-              }).pipe(
-                Effect.zipRight(Deferred.await(gate)),
-                Effect.zipRight(protocol.uploadFixedChunk(wid, chunk)),
-                Effect.ensuring(Effect.sync(() => {
-                  inFlight -= 1
-                }))
-              )
+      const gated = wrapUploads(real, (upload) => (wid, chunk) =>
+        Effect.sync(() => {
+          inFlight += 1
+          maxInFlight = Math.max(maxInFlight, inFlight)
+        }).pipe(
+          Effect.zipRight(Deferred.await(gate)),
+          Effect.zipRight(upload(wid, chunk)),
+          Effect.ensuring(Effect.sync(() => {
+            inFlight -= 1
           }))
-      }
+        ))
       const writer = yield* PbsSnapshotWriter.open(gated, { backupId: "100", backupTime: T0, uploadConcurrency: 2 })
       const drive = yield* writer.openDrive("scsi0", 5 * CS)
       let accepted = 0
@@ -482,18 +476,11 @@ describe("PbsClient", () => {
 
       let uploadsDone = 0
       // uploads start late: a writer that let go of a slot too early would send bytes changed meanwhile
-      const slow: PbsClient.PbsClientService = {
-        ...real,
-        openBackup: (id) =>
-          Effect.map(real.openBackup(id), (protocol) => ({
-            ...protocol,
-            uploadFixedChunk: (wid, chunk) =>
-              Effect.sleep("150 millis").pipe(
-                Effect.zipRight(protocol.uploadFixedChunk(wid, chunk)),
-                Effect.tap(() => Effect.sync(() => uploadsDone++))
-              )
-          }))
-      }
+      const slow = wrapUploads(real, (upload) => (wid, chunk) =>
+        Effect.sleep("150 millis").pipe(
+          Effect.zipRight(upload(wid, chunk)),
+          Effect.tap(() => Effect.sync(() => uploadsDone++))
+        ))
       const writer = yield* PbsSnapshotWriter.open(slow, { backupId: "100", backupTime: T0 + 60, uploadConcurrency: 2 })
       const drive = yield* writer.openDrive("scsi0", 6 * CS)
       assert.isTrue(drive.incremental)

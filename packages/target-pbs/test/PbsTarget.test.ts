@@ -10,10 +10,9 @@ import type { ArchiveRequest, ArchiveSession } from "@vzdump/core/BackupTarget"
 import * as CryptConfig from "../src/CryptConfig.js"
 import * as KeyConfig from "../src/KeyConfig.js"
 import * as Manifest from "../src/Manifest.js"
-import type * as PbsClient from "../src/PbsClient.js"
 import * as PbsTarget from "../src/PbsTarget.js"
 import * as PbsVmRestore from "../src/PbsVmRestore.js"
-import { CS, makeClient, settle, startServer, T0, TOKEN_ID, TOKEN_SECRET } from "./utils/fixtures.js"
+import { CS, makeClient, settle, startServer, T0, TOKEN_ID, TOKEN_SECRET, wrapUploads } from "./utils/fixtures.js"
 
 const run = promisify(execFile)
 const KiB = 1024
@@ -211,15 +210,8 @@ describe("PbsTarget", () => {
       const { dir, server } = yield* startServer()
       const real = yield* makeClient(server)
       // late uploads: a buffer reused too early would reach the server changed (wrong digest)
-      const slow: PbsClient.PbsClientService = {
-        ...real,
-        openBackup: (id) =>
-          Effect.map(real.openBackup(id), (protocol) => ({
-            ...protocol,
-            uploadFixedChunk: (wid, chunk) =>
-              Effect.zipRight(Effect.sleep("100 millis"), protocol.uploadFixedChunk(wid, chunk))
-          }))
-      }
+      const slow = wrapUploads(real, (upload) => (wid, chunk) =>
+        Effect.zipRight(Effect.sleep("100 millis"), upload(wid, chunk)))
       const target = yield* PbsTarget.make(slow, { uploadConcurrency: 2 })
       const scsi0 = crypto.randomBytes(6 * CS + 1000)
       const virtio1 = crypto.randomBytes(5 * CS)

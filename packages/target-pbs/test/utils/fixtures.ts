@@ -94,3 +94,13 @@ export const vmConfig = (devices: ReadonlyArray<string>) =>
   ["boot: order=scsi0", "memory: 512", ...devices.map((d) => `${d}: local:vm-100-disk-${d}.raw,size=8M`), ...devices.map(
     (d) => `#qmdump#map:${d}:drive-${d}:local:raw:`
   )].join("\n") + "\n"
+
+/** The client with every backup session's `uploadFixedChunk` wrapped (delays, gates and counters of tests). */
+export const wrapUploads = (
+  client: PbsClient.PbsClientService,
+  wrap: (upload: PbsClient.BackupProtocol["uploadFixedChunk"]) => PbsClient.BackupProtocol["uploadFixedChunk"]
+): PbsClient.PbsClientService => ({
+  ...client,
+  openBackup: (id) =>
+    Effect.map(client.openBackup(id), (protocol) => ({ ...protocol, uploadFixedChunk: wrap(protocol.uploadFixedChunk) }))
+})
