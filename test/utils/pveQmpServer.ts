@@ -2,7 +2,7 @@
  * The QMP side of the Proxmox-QEMU emulator (`pveQemu.ts`): a Unix-socket QMP server that speaks
  * the protocol as QEMU does — greeting first, capabilities negotiation (`qmp_capabilities`), replies
  * carrying the command's `id`, events to negotiated clients — and receives file descriptors sent
- * with `SCM_RIGHTS` (through usocket's `UServer`), for `getfd`.
+ * with `SCM_RIGHTS` (through usocket's `UServer`, as `SafeUServer`), for `getfd`.
  *
  * Received descriptors are re-opened at once through `/proc/self/fd` so that the copy we keep is
  * close-on-exec (descriptors arriving by `recvmsg` are not, and would leak into every child process
@@ -13,8 +13,8 @@
 import { Effect } from "effect"
 import type { Scope } from "effect"
 import * as Fs from "node:fs"
-import { UServer } from "usocket"
-import type { USocket } from "usocket"
+import { SafeUServer } from "@vzdump/qmp/Usocket"
+import type { SafeUSocket } from "@vzdump/qmp/Usocket"
 
 /** An error reply: QEMU's `{"error": {"class", "desc"}}`. */
 export class QmpReplyError extends Error {
@@ -69,11 +69,11 @@ const reopenCloexec = (fd: number): number => {
 export const startQmpServer = (path: string, handlers: QmpServerHandlers): Effect.Effect<QmpServer, never, Scope.Scope> =>
   Effect.gen(function*() {
     Fs.rmSync(path, { force: true })
-    const server = new UServer()
-    const clients = new Map<number, { socket: USocket; negotiated: boolean; fds: Array<number> }>()
+    const server = new SafeUServer()
+    const clients = new Map<number, { socket: SafeUSocket; negotiated: boolean; fds: Array<number> }>()
     let nextId = 0
 
-    const send = (socket: USocket, message: unknown) => {
+    const send = (socket: SafeUSocket, message: unknown) => {
       try {
         socket.write(Buffer.from(`${JSON.stringify(message)}\r\n`))
       } catch {
@@ -89,7 +89,7 @@ export const startQmpServer = (path: string, handlers: QmpServerHandlers): Effec
       client.socket.destroy()
     }
 
-    server.on("connection", (socket: USocket) => {
+    server.on("connection", (socket: SafeUSocket) => {
       const id = ++nextId
       const client = { socket, negotiated: false, fds: [] as Array<number> }
       clients.set(id, client)

@@ -2,10 +2,11 @@
  * `QmpTransport` that can pass file descriptors (`SCM_RIGHTS`), for QMP `getfd` and `add-fd`.
  *
  * Node's `net` module has no way to attach descriptors to a write, so this transport uses the native `usocket`
- * addon (a Unix stream socket whose `write({ data, fds })` is one `sendmsg`). The socket is adapted to the
- * platform `Socket` with `NodeSocket.fromDuplex`, so the clients read and write it exactly like the plain
- * transport; `writeWithFds` writes the line and its descriptors through the same stream, keeping the order of
- * writes. QEMU takes the descriptor that arrives with a command's bytes, hence one line per `sendmsg`.
+ * addon (a Unix stream socket whose `write({ data, fds })` is one `sendmsg`), as a `SafeUSocket` (see
+ * `Usocket`: closing a plain one can abort the process). The socket is adapted to the platform `Socket` with
+ * `NodeSocket.fromDuplex`, so the clients read and write it exactly like the plain transport; `writeWithFds`
+ * writes the line and its descriptors through the same stream, keeping the order of writes. QEMU takes the
+ * descriptor that arrives with a command's bytes, hence one line per `sendmsg`.
  *
  * Only Unix sockets are supported: a TCP address fails with `QmpConnectError` (`Unsupported`).
  *
@@ -16,10 +17,10 @@ import * as Socket from "@effect/platform/Socket"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Fs from "node:fs"
-import { USocket } from "usocket"
 import { QmpConnectError, QmpTransportError } from "./QmpError.js"
 import { formatAddress, QmpTransport } from "./QmpTransport.js"
 import type { QmpConnection, QmpTransportService } from "./QmpTransport.js"
+import { SafeUSocket } from "./Usocket.js"
 
 const toBuffer = (chunk: unknown): unknown =>
   typeof chunk === "string"
@@ -48,7 +49,7 @@ const drain = (fd: number): { readonly chunks: Array<Buffer>; readonly ended: bo
 const isPollError = (u: unknown): boolean =>
   typeof u === "object" && u !== null && "syscall" in u && u.syscall === "poll"
 
-class FdSocket extends USocket {
+class FdSocket extends SafeUSocket {
   // usocket's `_write` accepts only a Buffer, an array of fds or `{ data, fds }`; the platform socket writes
   // Uint8Arrays, so convert them first.
   override _write(chunk: unknown, encoding: BufferEncoding, callback: (error?: Error | null) => void): void {

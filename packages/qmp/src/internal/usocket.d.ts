@@ -30,11 +30,17 @@ declare module "usocket" {
     override destroy(): this
     /** Receives the addon's events (`connect`, `data`, `drain`, `error`); bound once, on `connect`. */
     _wrapEvent(event: string, a0?: unknown, a1?: unknown): void
+    /** The native wrapper while the socket is open; `close()` on it hands its poll handle to `uv_close`. */
+    _wrap: object | null | undefined
   }
 
   /** A listening Unix socket whose connections are `USocket`s. */
   export class UServer extends EventEmitter {
     listen(path: string, backlog?: number, callback?: () => void): void
     close(): void
+    /** Receives the addon's events (`listening`, `accept`, `error`); bound once, on `listen`. */
+    _wrapEvent(event: string, a0?: unknown, a1?: unknown): void
+    /** The native wrapper while the server listens. */
+    _wrap: object | null | undefined
   }
 }
