@@ -1,7 +1,7 @@
 /**
  * @vzdump/qmp: clients for QEMU's QMP monitor, its guest agent, and NBD exports.
- * `FdQmpTransport` (native fd passing) is not re-exported here so that importing the package does not
- * load the native addon: import it as `@vzdump/qmp/FdQmpTransport`.
+ * `FdQmpTransport` (native fd passing) and `Usocket` are not re-exported here so that importing the package
+ * does not load the native addon: import them as `@vzdump/qmp/FdQmpTransport` and `@vzdump/qmp/Usocket`.
  *
  * @since 0.1.0
  */
